@@ -1,0 +1,252 @@
+"""The ``dicom-node`` command line. This is the only place that configures logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from config.node import ConfigError, Destination, NodeConfig, load_node_config, parse_peer
+from dicom_node import __version__
+from dicom_node.audit import verify_chain
+from dicom_node.store import Store, utc_iso
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="A DICOM node for automated contouring.")
+config_app = typer.Typer(no_args_is_help=True, help="Check configuration files.")
+app.add_typer(config_app, name="config")
+audit_app = typer.Typer(invoke_without_command=True, help="Read the audit log (and verify its hash chain).")
+app.add_typer(audit_app, name="audit")
+
+log = logging.getLogger("dicom_node")
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", envvar="DICOM_NODE_CONFIG",
+                 help="Node config (YAML). Default: ./node.yaml if present, else the embedded defaults."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _load(config: Path | None) -> tuple[NodeConfig, str]:
+    if config is None and Path("node.yaml").exists():
+        config = Path("node.yaml")
+    if config is None:
+        return NodeConfig().resolve(Path.cwd()), "<embedded defaults>"
+    try:
+        return load_node_config(config), str(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+
+
+def _peer(name: str, config: NodeConfig) -> Destination:
+    if name in config.destinations:
+        return config.destinations[name]
+    peer = parse_peer(name)
+    if peer is None:
+        known = ", ".join(sorted(config.destinations)) or "none configured"
+        typer.echo(f"unknown destination {name!r}: give a configured name ({known}) or AE@HOST:PORT", err=True)
+        raise typer.Exit(2)
+    return peer
+
+
+@app.command()
+def serve(config: ConfigOption = None,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Run the node: receive, store, complete series, forward, audit. SIGHUP reloads the peers."""
+    from dicom_node.runtime import Node
+
+    _setup_logging(verbose)
+    cfg, source = _load(config)
+    node = Node(cfg, config_source=source)
+    stop = threading.Event()
+
+    def _reload(*_: Any) -> None:
+        if config is None:
+            return
+        try:
+            node.reload(load_node_config(config), str(config))
+            log.info("configuration reloaded from %s", config)
+        except ConfigError as exc:
+            log.error("configuration reload refused, previous settings stay in force:\n%s", exc)
+            node.store.record("config.rejected", "failed", actor="node", detail={"problems": exc.problems})
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, _reload)
+    node.start()
+    log.info("dicom-node %s serving as %s on port %d (storage %s)", __version__, cfg.node.ae_title, node.port,
+             cfg.node.storage)
+    try:
+        stop.wait()
+    finally:
+        node.stop()
+
+
+@config_app.command("check")
+def config_check(file: Path) -> None:
+    """Validate a node config; print every problem with its key path (exit 1 if any)."""
+    try:
+        cfg = load_node_config(file)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{file}: OK ({len(cfg.accept)} accepted AE(s), {len(cfg.destinations)} destination(s))")
+
+
+def _fmt_time(epoch: float | None) -> str:
+    return utc_iso(epoch)[:19].replace("T", " ") if epoch else "-"
+
+
+@app.command()
+def status(config: ConfigOption = None, json_output: JsonOption = False) -> None:
+    """Series with their state and instance count; sends not yet delivered, with attempts and last error."""
+    cfg, _ = _load(config)
+    store = Store(cfg.node.database)
+    data = store.status()
+    if json_output:
+        typer.echo(json.dumps(data, indent=1, default=str))
+        return
+    typer.echo(f"{'SERIES':<45} {'STATE':<11} {'N':>5}  {'FIRST (UTC)':<19}  {'LAST (UTC)':<19}  FROM")
+    for s in data["series"]:
+        typer.echo(f"{s['series_uid'][:45]:<45} {s['state']:<11} {s['instance_count']:>5}  "
+                   f"{_fmt_time(s['first_received_at']):<19}  {_fmt_time(s['last_received_at']):<19}  "
+                   f"{s['calling_ae'] or ''}")
+    typer.echo(f"\nOUTBOX: {len(data['outbox'])} not delivered, {data['sent_total']} sent")
+    for o in data["outbox"]:
+        typer.echo(f"  #{o['id']:<6} {o['state']:<8} {o['destination']:<12} attempts={o['attempts']:<3} "
+                   f"next={_fmt_time(o['next_attempt_at'])}  {o['last_error'] or ''}")
+
+
+@audit_app.callback()
+def audit(ctx: typer.Context, config: ConfigOption = None,
+          since: Annotated[Optional[str], typer.Option(help="ISO time (UTC), e.g. 2026-11-01 or 2026-11-01T12:00")] = None,
+          series: Annotated[Optional[str], typer.Option(help="Only this Series Instance UID.")] = None,
+          event: Annotated[Optional[str], typer.Option(help="Event type, '*' wildcard (e.g. 'send.*').")] = None,
+          limit: Annotated[Optional[int], typer.Option(help="Only the last N records.")] = None,
+          json_output: JsonOption = False) -> None:
+    """Print audit records, oldest first."""
+    ctx.obj = config
+    if ctx.invoked_subcommand is not None:
+        return
+    cfg, _ = _load(config)
+    records = Store(cfg.node.database).audit_records(since=since, series_uid=series, event=event, limit=limit)
+    if json_output:
+        typer.echo(json.dumps(records, indent=1))
+        return
+    for r in records:
+        subject = r["sop_instance_uid"] or r["series_uid"] or r["study_uid"] or ""
+        typer.echo(f"{r['id']:>7} {r['ts']} {r['event']:<22} {r['outcome']:<8} {r['actor'] or '':<28} "
+                   f"{subject} {r['detail'] or ''}")
+
+
+@audit_app.command("verify")
+def audit_verify(ctx: typer.Context) -> None:
+    """Recompute the audit hash chain; exit 1 if any record was altered, removed or reordered."""
+    cfg, _ = _load(ctx.obj)
+    store = Store(cfg.node.database)
+    count = 0
+    records = []
+    for record in store.audit_chain():
+        count += 1
+        records.append(record)
+    problems = verify_chain(records)
+    if problems:
+        for p in problems[:50]:
+            typer.echo(f"record {p.record_id}: {p.reason}", err=True)
+        typer.echo(f"audit chain BROKEN: {len(problems)} problem(s) in {count} records", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"audit chain OK: {count} records")
+
+
+@app.command()
+def send(paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursive).")],
+         to: Annotated[str, typer.Option("--to", help="Destination name or AE@HOST:PORT.")],
+         config: ConfigOption = None) -> None:
+    """Send DICOM files to a peer now (C-STORE); exit 1 if any file was not accepted."""
+    from dicom_node.sender import collect_files, send_files
+
+    cfg, _ = _load(config)
+    files = collect_files(paths)
+    if not files:
+        typer.echo("no files found", err=True)
+        raise typer.Exit(1)
+    results = send_files(_peer(to, cfg), files, calling_ae=cfg.node.ae_title)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        code = f"0x{r.status:04X}" if r.status is not None else "not sent"
+        typer.echo(f"FAILED {r.path}: {code} {r.error or ''}", err=True)
+    typer.echo(f"sent {len(results) - len(failed)}/{len(results)} file(s) to {to}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def echo(peer: Annotated[str, typer.Argument(help="Destination name or AE@HOST:PORT.")],
+         config: ConfigOption = None) -> None:
+    """Verify a peer with C-ECHO."""
+    from dicom_node.sender import echo as c_echo
+
+    cfg, _ = _load(config)
+    destination = _peer(peer, cfg)
+    result = c_echo(destination, calling_ae=cfg.node.ae_title)
+    if result == 0:
+        typer.echo(f"{destination}: echo OK")
+        return
+    typer.echo(f"{destination}: " + ("no association" if result is None else f"status 0x{result:04X}"), err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def retry(ids: Annotated[Optional[list[int]], typer.Argument(help="Outbox ids (see status).")] = None,
+          series: Annotated[Optional[str], typer.Option(help="All failed sends of this series.")] = None,
+          all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed send.")] = False,
+          config: ConfigOption = None) -> None:
+    """Requeue failed sends; a running node picks them up at its next poll."""
+    if not ids and not series and not all_failed:
+        typer.echo("give outbox ids, --series UID or --all-failed", err=True)
+        raise typer.Exit(2)
+    cfg, _ = _load(config)
+    count = Store(cfg.node.database).requeue(ids or None, series_uid=series)
+    typer.echo(f"requeued {count} send(s)")
+    raise typer.Exit(0 if count else 1)
+
+
+@app.command()
+def demo(keep: Annotated[bool, typer.Option(help="Keep the node running afterwards (Ctrl-C to stop).")] = False,
+         folder: Annotated[Path, typer.Option(help="Where the demo's SQLite and storage go.")] = Path("var/demo")) -> None:
+    """Run the node on embedded defaults and push a real CT through it to a local 'TPS'."""
+    from dicom_node.demo import run_demo
+
+    _setup_logging(False)
+    raise typer.Exit(run_demo(folder, keep=keep, echo=typer.echo))
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Real peers for integration tests: free loopback ports, DCMTK storescp, the node in-process or as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK otherwise suffers Nagle delays on loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def storescp(folder: Path, ae_title: str = "TPS", port: int | None = None) -> Iterator[int]:
+    """DCMTK storescp accepting every transfer syntax, one uniquely named file per received instance."""
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", ae_title, "+xa", "+uf", "-od", str(folder), str(port)],
+        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def storescu(port: int, files: list[Path], calling: str = "TPS", called: str = "DICOMNODE",
+             extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """DCMTK storescu; proposes each file's own transfer syntax (``-xs``-free defaults + ``--propose-*``)."""
+    return subprocess.run(
+        ["storescu", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, files)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=300,
+    )
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@contextmanager
+def node_process(config: Path, port: int) -> Iterator[subprocess.Popen]:
+    """``dicom-node serve`` as a real process (so tests can SIGKILL it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc=proc, timeout=60)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
