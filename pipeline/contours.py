@@ -2,8 +2,9 @@
 
 Forward (``mask_to_polygons``): a polygon follows the *edges* of the boundary pixels (the outline of the union of
 the foreground pixel squares), not their centres, so filling it again at pixel centres gives back the very same
-mask. Each island and each hole is its own closed polygon; read with the even-odd rule (as RTSTRUCT readers such as
-plastimatch do) they restore holes and islands. The tracing runs ``cv2.findContours`` on a grid of twice the
+mask. Each island is one closed polygon with its holes joined in by zero-width "keyhole" cuts, so readers that OR a
+slice's contours (plastimatch by default) and those that XOR them (planning systems) agree; islands inside holes
+are separate polygons. The tracing runs ``cv2.findContours`` on a grid of twice the
 resolution whose samples are pixel centres, edge midpoints and pixel corners: a sample is set when it lies in the
 closed union of foreground squares, so the traced border samples lie exactly on the true boundary.
 
@@ -61,8 +62,14 @@ def patient_to_index(grid: Grid, points: np.ndarray) -> np.ndarray:
     return xyz[:, ::-1]
 
 
-def mask_to_polygons(mask: np.ndarray) -> list[np.ndarray]:
-    """Closed polygons (row, col) along the pixel edges of a 2-D mask: outer borders and holes, any number."""
+def mask_to_polygons(mask: np.ndarray, *, keyholes: bool = True) -> list[np.ndarray]:
+    """Closed polygons (row, col) along the pixel edges of a 2-D mask, any number of islands and holes.
+
+    With ``keyholes`` (the default) each hole is joined to its island's outline by a zero-width cut along a pixel
+    column, so one polygon describes an island with its holes: readers that OR a slice's contours (plastimatch's
+    default) and readers that XOR them (most planning systems) both get the holes right. Islands inside holes stay
+    separate polygons. Without ``keyholes`` holes are separate polygons (even-odd readers only).
+    """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise StructureError(f"mask_to_polygons needs a 2-D mask, got shape {mask.shape}")
@@ -73,14 +80,68 @@ def mask_to_polygons(mask: np.ndarray) -> list[np.ndarray]:
     r0, c0 = int(rows[0]), int(cols[0])
     crop = mask[r0:rows[-1] + 1, c0:cols[-1] + 1]
     h, w = crop.shape
-    # Sample (a, b) of the doubled grid sits at pixel coordinate ((a - 2) / 2 + r0, (b - 2) / 2 + c0); one sample
-    # of zero padding on each side keeps OpenCV's border handling out of the way.
+    # Sample (a, b) of the doubled grid sits at pixel coordinate (a / 2 - 1 + r0, b / 2 - 1 + c0): pixel centres at
+    # even samples, corners at odd ones; one sample of zero padding keeps OpenCV's border handling out of the way.
     doubled = np.zeros((2 * h + 3, 2 * w + 3), np.uint8)
     doubled[2:-1:2, 2:-1:2] = crop
     doubled = cv2.dilate(doubled, _KERNEL)
-    found, _ = cv2.findContours(doubled, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    found, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     offset = np.array([r0 - 1.0, c0 - 1.0])
-    return [c[:, 0, ::-1] / 2.0 + offset for c in found if len(c) >= 3]
+    polygons = [_simplify(_through_corners(c[:, 0, ::-1])) / 2.0 + offset for c in found]
+    if not keyholes:
+        return polygons
+    parents = hierarchy[0][:, 3]
+    return [_bridge_holes(polygons[i], [polygons[j] for j in np.flatnonzero(parents == i)])
+            for i in np.flatnonzero(parents < 0)]
+
+
+def _bridge_holes(outline: np.ndarray, holes: list[np.ndarray]) -> np.ndarray:
+    """Join each hole to the polygon by a vertical zero-width cut from the hole's top edge up to the nearest
+    horizontal edge above it. Holes go top first, so whatever lies above a hole is already part of the polygon."""
+    merged = outline
+    for hole in sorted(holes, key=lambda p: p[:, 0].min()):
+        nxt = np.roll(hole, -1, axis=0)
+        top = hole[:, 0].min()
+        k = int(np.flatnonzero((hole[:, 0] == top) & (nxt[:, 0] == top))[0])
+        column = min(hole[k, 1], nxt[k, 1]) + 0.5  # a pixel-centre column: never on a vertical edge
+        start = np.array([top, column])
+        ring = np.vstack([start, np.roll(hole, -(k + 1), axis=0), start])
+        m_next = np.roll(merged, -1, axis=0)
+        spans = ((merged[:, 0] == m_next[:, 0]) & (merged[:, 0] < top)
+                 & (np.minimum(merged[:, 1], m_next[:, 1]) < column) & (np.maximum(merged[:, 1], m_next[:, 1]) > column))
+        candidates = np.flatnonzero(spans)
+        i = int(candidates[np.argmax(merged[candidates, 0])])
+        landing = np.array([merged[i, 0], column])
+        merged = np.vstack([merged[:i + 1], landing, ring, landing, merged[i + 1:]])
+    return merged
+
+
+def _through_corners(points: np.ndarray) -> np.ndarray:
+    """Put back the pixel corner that 8-connected tracing cuts at concave corners.
+
+    Border samples are pixel corners (odd, odd on the doubled grid) and edge midpoints; a diagonal step joins two edge midpoints and
+    skips the corner between them, which is foreground (it touches the pixel that makes either midpoint
+    foreground) and lies on the true boundary.
+    """
+    following = np.roll(points, -1, axis=0)
+    step = following - points
+    diagonal = np.flatnonzero((np.abs(step[:, 0]) == 1) & (np.abs(step[:, 1]) == 1))
+    if diagonal.size == 0:
+        return points
+    p, q = points[diagonal], following[diagonal]
+    p_row_on_corner = (p[:, 0] % 2) == 1
+    corner = np.where(p_row_on_corner[:, None], np.column_stack([p[:, 0], q[:, 1]]), np.column_stack([q[:, 0], p[:, 1]]))
+    return np.insert(points, diagonal + 1, corner, axis=0)
+
+
+def _simplify(points: np.ndarray) -> np.ndarray:
+    """Drop points in the middle of straight runs (all steps are axis-aligned here)."""
+    incoming = points - np.roll(points, 1, axis=0)
+    outgoing = np.roll(points, -1, axis=0) - points
+    turn = (incoming[:, 0] * outgoing[:, 1] - incoming[:, 1] * outgoing[:, 0]) != 0
+    reverse = (incoming * outgoing).sum(axis=1) < 0
+    keep = turn | reverse
+    return points[keep] if keep.sum() >= 3 else points
 
 
 def polygons_to_mask(polygons: Iterable[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
@@ -112,14 +173,15 @@ def polygons_to_mask(polygons: Iterable[np.ndarray], shape: tuple[int, int]) -> 
     return (np.cumsum(toggles[:, :width], axis=1) % 2).astype(bool)
 
 
-def mask_to_contours(mask: np.ndarray, grid: Grid) -> list[tuple[int, np.ndarray]]:
-    """(slice index, (N, 3) patient-coordinate polygon) for every island and hole of a (Z, Y, X) mask."""
+def mask_to_contours(mask: np.ndarray, grid: Grid, *, keyholes: bool = True) -> list[tuple[int, np.ndarray]]:
+    """(slice index, (N, 3) patient-coordinate polygon) for every island (holes cut in, see ``mask_to_polygons``)
+    of a (Z, Y, X) mask."""
     mask = np.asarray(mask, dtype=bool)
     if tuple(mask.shape) != tuple(grid.shape):
         raise StructureError(f"mask shape {mask.shape} does not match the series grid {tuple(grid.shape)}")
     out = []
     for z in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
-        for poly in mask_to_polygons(mask[z]):
+        for poly in mask_to_polygons(mask[z], keyholes=keyholes):
             zyx = np.column_stack([np.full(len(poly), float(z)), poly])
             out.append((int(z), index_to_patient(grid, zyx)))
     return out

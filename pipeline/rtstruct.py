@@ -25,7 +25,7 @@ from models.types import StructureSet
 from pipeline.contours import mask_to_contours
 from pipeline.errors import StructureError
 from pipeline.identity import MANUFACTURER, MODEL_NAME, software_version
-from pipeline.volume import SeriesGeometry, series_geometry
+from pipeline.volume import SeriesGeometry, require_frame_of_reference, series_geometry
 
 __all__ = ["build_rtstruct", "format_ds"]
 
@@ -137,6 +137,7 @@ def build_rtstruct(
     ``StructureError`` for masks that do not fit it.
     """
     geometry = series_geometry(source_datasets)
+    require_frame_of_reference(geometry)
     _check_structures(structure_set, geometry)
     now = now or dt.datetime.now()
     first = geometry.datasets[0]

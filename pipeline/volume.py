@@ -24,7 +24,10 @@ from pydicom.pixels import apply_modality_lut
 from models.types import Volume
 from pipeline.errors import SeriesError
 
-__all__ = ["SeriesGeometry", "series_geometry", "sort_slices", "load_volume", "POSITION_TOLERANCE_MM"]
+__all__ = [
+    "SeriesGeometry", "series_geometry", "sort_slices", "load_volume", "require_frame_of_reference",
+    "POSITION_TOLERANCE_MM",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,15 @@ def series_geometry(datasets: Sequence[Dataset]) -> SeriesGeometry:
         origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
         direction=tuple(float(v) for v in direction.ravel()),
     )
+
+
+def require_frame_of_reference(geometry: SeriesGeometry) -> str:
+    """The series' Frame of Reference UID, which RTSTRUCT and SEG must reference; SeriesError when absent."""
+    uid = geometry.datasets[0].get("FrameOfReferenceUID")
+    if not uid:
+        raise SeriesError("the series has no FrameOfReferenceUID (Type 1 for CT/MR images): contours and "
+                          "segmentations cannot be placed on it")
+    return str(uid)
 
 
 def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
