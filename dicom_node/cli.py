@@ -37,7 +37,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances" is how a busy sender looks; not worth a warning
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def _load(config: Path | None) -> tuple[NodeConfig, str]:

@@ -35,7 +35,8 @@ class Node:
         self.store = Store(config.node.database)
         self.spool = Spool(config.node.storage)
         self.receiver = Receiver(config.node, config.accept, self.store, self.spool)
-        self.scheduler = BackgroundScheduler(timezone="UTC")
+        # Jobs skip a run while the previous one is still busy; that is expected, not worth a warning each time.
+        self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
         self._sweep_lock = threading.Lock()
         self._send_lock = threading.Lock()
 

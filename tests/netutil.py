@@ -53,7 +53,7 @@ def storescp(folder: Path, ae_title: str = "TPS", port: int | None = None) -> It
     folder.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         ["storescp", "-aet", ae_title, "+xa", "+uf", "-od", str(folder), str(port)],
-        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, proc=proc)
@@ -80,8 +80,9 @@ def write_config(path: Path, data: dict) -> Path:
 @contextmanager
 def node_process(config: Path, port: int) -> Iterator[subprocess.Popen]:
     """``dicom-node serve`` as a real process (so tests can SIGKILL it)."""
+    log = open(config.with_suffix(".log"), "a")
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-                            cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=config.parent, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_port(port, proc=proc, timeout=60)
         yield proc
@@ -93,3 +94,4 @@ def node_process(config: Path, port: int) -> Iterator[subprocess.Popen]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.close()
