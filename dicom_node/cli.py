@@ -17,7 +17,7 @@ from dicom_node import __version__
 from dicom_node.audit import verify_chain
 from dicom_node.store import Store, utc_iso
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="A DICOM node for automated contouring.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="A DICOM node for automated contouring.")
 config_app = typer.Typer(no_args_is_help=True, help="Check configuration files.")
 app.add_typer(config_app, name="config")
 audit_app = typer.Typer(invoke_without_command=True, help="Read the audit log (and verify its hash chain).")
