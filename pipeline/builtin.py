@@ -30,10 +30,18 @@ _FAMILY = {"algorithm_family": "MorphologicalOperations"}
 _IN_PLANE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)  # 4-connected within a slice only
 
 
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(mask)
+def _fill_holes_per_slice(mask: np.ndarray, max_hole_pixels: int | None = None) -> np.ndarray:
+    """Fill enclosed background slice by slice; with ``max_hole_pixels`` only holes up to that area."""
+    out = mask.copy()
     for z in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
-        out[z] = ndi.binary_fill_holes(mask[z])
+        filled = ndi.binary_fill_holes(mask[z])
+        if max_hole_pixels is not None:
+            holes, n = ndi.label(filled & ~mask[z])
+            if n:
+                small = np.bincount(holes.ravel()) <= max_hole_pixels
+                small[0] = False
+                filled = mask[z] | small[holes]
+        out[z] = filled
     return out
 
 
@@ -105,17 +113,18 @@ def lung_masks(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, fl
     return [_fill_holes_per_slice(c) for c in kept]
 
 
-def bone_mask(hu: np.ndarray, body: np.ndarray, voxel_ml: float, *, threshold_hu: float = 200.0,
-              min_volume_ml: float = 0.5) -> np.ndarray:
+def bone_mask(hu: np.ndarray, body: np.ndarray, spacing: tuple[float, float, float], *,
+              threshold_hu: float = 200.0, min_volume_ml: float = 0.5, max_hole_cm2: float = 0.8) -> np.ndarray:
     """Bone: voxels above ``threshold_hu`` inside the body, components of at least ``min_volume_ml`` kept,
-    marrow cavities filled slice by slice."""
+    marrow cavities up to ``max_hole_cm2`` filled slice by slice (the spinal canal, larger, stays open)."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
     labels, n = ndi.label((hu > threshold_hu) & body, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return np.zeros(hu.shape, bool)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= int(np.ceil(min_volume_ml / voxel_ml))
     keep[0] = False
-    return _fill_holes_per_slice(keep[labels])
+    return _fill_holes_per_slice(keep[labels], int(max_hole_cm2 * 100.0 / (spacing[0] * spacing[1])))
 
 
 def _params(data: PipelineInput, model: type[P]) -> P:
@@ -123,10 +132,6 @@ def _params(data: PipelineInput, model: type[P]) -> P:
     if isinstance(data.params, model):
         return data.params
     return model.model_validate(data.params.model_dump())
-
-
-def _voxel_ml(volume: Volume) -> float:
-    return float(np.prod(volume.spacing)) / 1000.0
 
 
 def _structure(name: str, mask: np.ndarray, pipeline: type) -> Structure:
@@ -160,6 +165,7 @@ class LungsParams(BodyParams):
 class BonesParams(BodyParams):
     bone_threshold_hu: float = Field(200.0, ge=0, le=3000, description="HU above which a voxel is bone.")
     min_volume_ml: float = Field(0.5, ge=0, description="Smallest bone component kept (ml).")
+    max_hole_cm2: float = Field(0.8, ge=0, description="Enclosed holes up to this area (cm2) are filled as marrow.")
 
 
 class BodyPipeline:
@@ -214,6 +220,6 @@ class BonesPipeline:
         p = _params(data, BonesParams)
         volume = data.volume
         body = body_mask(volume.array, p.threshold_hu, p.opening_voxels, p.keep_fraction)
-        mask = bone_mask(volume.array, body, _voxel_ml(volume), threshold_hu=p.bone_threshold_hu,
-                         min_volume_ml=p.min_volume_ml)
+        mask = bone_mask(volume.array, body, volume.spacing, threshold_hu=p.bone_threshold_hu,
+                         min_volume_ml=p.min_volume_ml, max_hole_cm2=p.max_hole_cm2)
         return _result([_structure("Bones", mask, type(self))], self.name)

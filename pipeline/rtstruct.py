@@ -17,7 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.tag import BaseTag, Tag
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, RTStructureSetStorage, generate_uid
 
@@ -25,12 +27,13 @@ from models.types import StructureSet
 from pipeline.contours import mask_to_contours
 from pipeline.errors import StructureError
 from pipeline.identity import MANUFACTURER, MODEL_NAME, software_version
-from pipeline.volume import SeriesGeometry, require_frame_of_reference, series_geometry
+from pipeline.volume import SeriesGeometry, require_references, series_geometry
 
 __all__ = ["build_rtstruct", "format_ds"]
 
 logger = logging.getLogger(__name__)
 
+_CONTOUR_DATA = Tag(0x3006, 0x0050)
 _STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # referenced by RT Referenced Study Sequence, as TPSs expect
 _PATIENT_STUDY_KEYWORDS = (
     "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
@@ -47,8 +50,13 @@ def format_ds(values: np.ndarray) -> str:
     return text.replace("-0.0000", "0.0000")
 
 
-def _ds_list(values: np.ndarray) -> list[str]:
-    return format_ds(values).split("\\")
+def _raw_ds(tag: BaseTag, values: np.ndarray) -> RawDataElement:
+    """A DS element kept as encoded text: pydicom parses it only if someone reads it (100 ROIs hold ~10^6
+    values; building a DSfloat for each would dominate the build time)."""
+    text = format_ds(values).encode("ascii")
+    if len(text) % 2:
+        text += b" "
+    return RawDataElement(tag, "DS", len(text), text, 0, False, True)
 
 
 def _image_ref(source: Dataset) -> Dataset:
@@ -91,7 +99,7 @@ def _roi_contour(number: int, color: tuple[int, int, int], mask: np.ndarray, geo
         contour.ContourGeometricType = "CLOSED_PLANAR"
         contour.NumberOfContourPoints = len(points)
         contour.ContourNumber = k
-        contour.ContourData = _ds_list(points)
+        contour[_CONTOUR_DATA] = _raw_ds(_CONTOUR_DATA, points)
         contours.append(contour)
     if contours:
         item.ContourSequence = DicomSequence(contours)
@@ -137,7 +145,7 @@ def build_rtstruct(
     ``StructureError`` for masks that do not fit it.
     """
     geometry = series_geometry(source_datasets)
-    require_frame_of_reference(geometry)
+    require_references(geometry)
     _check_structures(structure_set, geometry)
     now = now or dt.datetime.now()
     first = geometry.datasets[0]

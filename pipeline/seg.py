@@ -27,7 +27,7 @@ from config.structures import StructureTable, load_structure_table
 from models.types import Structure, StructureSet
 from pipeline.errors import StructureError
 from pipeline.identity import MANUFACTURER, MODEL_NAME, software_version
-from pipeline.volume import require_frame_of_reference, series_geometry
+from pipeline.volume import require_references, series_geometry
 
 __all__ = ["build_seg", "segment_description"]
 
@@ -154,7 +154,7 @@ def build_seg(
     as ``MorphologicalOperations``), ``ArtificialIntelligence`` when absent.
     """
     geometry = series_geometry(source_datasets)
-    require_frame_of_reference(geometry)
+    require_references(geometry)
     if not structure_set.structures:
         raise StructureError("a SEG needs at least one structure")
     table = table or load_structure_table()

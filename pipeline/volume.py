@@ -25,7 +25,7 @@ from models.types import Volume
 from pipeline.errors import SeriesError
 
 __all__ = [
-    "SeriesGeometry", "series_geometry", "sort_slices", "load_volume", "require_frame_of_reference",
+    "SeriesGeometry", "series_geometry", "sort_slices", "load_volume", "require_references",
     "POSITION_TOLERANCE_MM",
 ]
 
@@ -158,13 +158,20 @@ def series_geometry(datasets: Sequence[Dataset]) -> SeriesGeometry:
     )
 
 
-def require_frame_of_reference(geometry: SeriesGeometry) -> str:
-    """The series' Frame of Reference UID, which RTSTRUCT and SEG must reference; SeriesError when absent."""
-    uid = geometry.datasets[0].get("FrameOfReferenceUID")
-    if not uid:
+def require_references(geometry: SeriesGeometry) -> None:
+    """Check the UIDs an RTSTRUCT or SEG must reference (frame of reference, study, series, each instance's SOP
+    class and instance); SeriesError naming the first one missing."""
+    first = geometry.datasets[0]
+    if not first.get("FrameOfReferenceUID"):
         raise SeriesError("the series has no FrameOfReferenceUID (Type 1 for CT/MR images): contours and "
                           "segmentations cannot be placed on it")
-    return str(uid)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if not first.get(keyword):
+            raise SeriesError(f"the series has an empty {keyword}: results could not reference it")
+    for k, ds in enumerate(geometry.datasets):
+        for keyword in ("SOPClassUID", "SOPInstanceUID"):
+            if not ds.get(keyword):
+                raise SeriesError(f"slice {k} has an empty {keyword}: results could not reference it")
 
 
 def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
