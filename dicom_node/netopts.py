@@ -1,8 +1,10 @@
 """Socket tuning shared by the listener and the sender."""
 
+import copy
 import socket
 
 from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -10,3 +12,23 @@ def set_nodelay(event: evt.Event) -> None:
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _CheapCopyContext(PresentationContext):
+    """pynetdicom deep-copies the server's contexts for every association (~70 ms for all storage SOP classes x
+    all transfer syntaxes, mostly re-validating UIDs). UIDs are immutable strings, so copying the one list
+    attribute is a faithful deep copy."""
+
+    def __deepcopy__(self, memo: dict) -> PresentationContext:
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+def cheap_copy_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    out = []
+    for context in contexts:
+        clone = copy.copy(context)
+        clone.__class__ = _CheapCopyContext
+        out.append(clone)
+    return out

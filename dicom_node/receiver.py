@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from config.node import AcceptEntry, NodeSettings
 from dicom_node import InvalidInstance, StorageError
 from dicom_node.audit import Event
-from dicom_node.netopts import set_nodelay
+from dicom_node.netopts import cheap_copy_contexts, set_nodelay
 from dicom_node.spool import Spool, is_valid_uid
 from dicom_node.status import RejectReason, Status
 from dicom_node.store import InstanceRecord, Store
@@ -150,7 +150,8 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
         ]
         address = (self.settings.host, self.settings.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers,
+                                            contexts=cheap_copy_contexts(self.ae.supported_contexts))
         log.info("listening as %s on %s:%d", self.settings.ae_title, *self.bound_address)
 
     @property
@@ -218,12 +219,11 @@ class Receiver:
     def _persist(self, event: evt.Event, stream: memoryview, identity: Identity, calling: str, host: str) -> str:
         digest = hashlib.sha256(stream).hexdigest()
         relative = self.spool.instance_path(identity.study_uid, identity.series_uid, identity.sop_instance_uid)
-        existing = self.store.find_instance(identity.sop_instance_uid)
-        is_resend = (existing is not None and existing["sha256"] == digest and existing["path"] == relative
-                     and self.spool.absolute(relative).exists())
+        # Only a file already in place can make this a resend: skip the index lookup for new instances.
+        existing = self.store.find_instance(identity.sop_instance_uid) if self.spool.exists(relative) else None
+        is_resend = existing is not None and existing["sha256"] == digest and existing["path"] == relative
         if not is_resend:
-            header = _PREAMBLE + encode_file_meta(event.file_meta)
-            self.spool.write_atomic(relative, header + stream)  # one write; the file meta is ~200 bytes
+            self.spool.write_atomic(relative, _PREAMBLE + encode_file_meta(event.file_meta), stream)
         record = InstanceRecord(
             sop_instance_uid=identity.sop_instance_uid, sop_class_uid=identity.sop_class_uid,
             series_uid=identity.series_uid, study_uid=identity.study_uid, patient_id=identity.patient_id,

@@ -17,6 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from config.node import Destination, NodeConfig
 from dicom_node.audit import Event
 from dicom_node.receiver import Receiver
+from dicom_node.recovery import recover_unindexed
 from dicom_node.sender import send_files
 from dicom_node.spool import Spool
 from dicom_node.store import OutboxRow, Store
@@ -43,6 +44,7 @@ class Node:
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        recovered = recover_unindexed(self.store, self.spool)
         released = self.store.release_send_leases()
         self.store.record(Event.CONFIG_LOADED, actor="node", detail={
             "source": self.config_source, "accept": [a.ae_title for a in self.config.accept],
@@ -57,7 +59,7 @@ class Node:
         host, port = self.receiver.bound_address
         self.store.record(Event.NODE_STARTED, actor="node", detail={
             "ae_title": self.config.node.ae_title, "host": host, "port": port,
-            "resumed_sends": released})
+            "resumed_sends": released, "recovered_instances": recovered})
 
     def stop(self) -> None:
         self.receiver.stop()

@@ -57,8 +57,11 @@ class Spool:
             raise ValueError(f"path escapes the storage folder: {relative!r}")
         return path
 
-    def write_atomic(self, relative: str, data: bytes | memoryview) -> None:
-        """Write to a temporary file, fsync it, rename it into place, fsync the folder.
+    def exists(self, relative: str) -> bool:
+        return self.absolute(relative).exists()
+
+    def write_atomic(self, relative: str, *parts: bytes | memoryview) -> None:
+        """Write ``parts`` (concatenated) to a temporary file, fsync it, rename it into place, fsync the folder.
 
         On any OS error nothing is left behind and :class:`StorageError` is raised.
         """
@@ -68,10 +71,14 @@ class Spool:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                views = [memoryview(p) for p in parts]
+                while views:  # writev: no concatenated copy of a large data set
+                    written = os.writev(fd, views)
+                    while views and written >= len(views[0]):
+                        written -= len(views[0])
+                        views.pop(0)
+                    if views:
+                        views[0] = views[0][written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -80,6 +87,15 @@ class Spool:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {relative}: {exc.strerror or exc}") from exc
+
+    def series_folders_changed_since(self, cutoff: float | None) -> list[Path]:
+        """Series folders (``instances/<study>/<series>``) whose entries changed at or after ``cutoff``."""
+        found = []
+        for study in self.instances.iterdir():
+            for series in study.iterdir() if study.is_dir() else ():
+                if series.is_dir() and (cutoff is None or series.stat().st_mtime >= cutoff):
+                    found.append(series)
+        return found
 
     def quarantine(self, data: bytes | memoryview, reason: str, context: dict[str, str]) -> Path | None:
         """Keep an unstorable dataset for inspection; returns its path, or None if even that failed."""

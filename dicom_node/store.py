@@ -161,7 +161,9 @@ def _sqlite_engine(url: str) -> Engine:
         dbapi_connection.isolation_level = None  # let the 'begin' hook below issue BEGIN itself
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")  # a committed index row survives power loss
+        # NORMAL in WAL mode: a commit survives a crash of the process; after a power loss the last commits
+        # may roll back, and Node.start re-indexes from the storage folder (files are fsync'd before any reply).
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -257,8 +259,18 @@ class Store:
             row = conn.execute(select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
         return dict(row._mapping) if row else None
 
+    def latest_received_at(self) -> float | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(instances.c.received_at))).scalar_one_or_none()
+
+    def indexed_paths(self, series_uid: str) -> set[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(instances.c.path).where(instances.c.series_uid == series_uid))
+            return {r.path for r in rows}
+
     def record_instance(
-        self, rec: InstanceRecord, *, calling_ae: str, called_ae: str, peer_host: str, now: float | None = None
+        self, rec: InstanceRecord, *, calling_ae: str, called_ae: str, peer_host: str, now: float | None = None,
+        recovered: bool = False,
     ) -> str:
         """Index a durably written instance and its series, audited, in one transaction.
 
@@ -293,7 +305,7 @@ class Store:
             outcome = "stored" if old is None else "replaced"
             self.audit(conn, Event.INSTANCE_STORED, actor=actor, detail={
                 "sop_class": rec.sop_class_uid, "transfer_syntax": rec.transfer_syntax, "bytes": rec.size,
-                "replaced": old is not None,
+                "replaced": old is not None, **({"recovered_from_storage": True} if recovered else {}),
             }, **subject)
             return outcome
 
