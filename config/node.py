@@ -16,6 +16,8 @@ __all__ = [
     "NodeConfig",
     "NodeSettings",
     "OutboxSettings",
+    "WorkerSettings",
+    "format_validation_errors",
     "load_node_config",
     "parse_peer",
 ]
@@ -99,6 +101,13 @@ class OutboxSettings(_Strict):
     poll_seconds: float = Field(1, gt=0, le=60, description="How often the sender looks for due sends.")
 
 
+class WorkerSettings(_Strict):
+    count: int = Field(1, ge=1, le=64, description="Pipeline jobs run at the same time.")
+    threads: int = Field(2, ge=1, le=256, description="CPU threads each job may use (torch, NumPy).")
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts of a job that fails for a non-input reason.")
+    retry_seconds: float = Field(30, gt=0, description="Delay before a failed job is tried again.")
+
+
 class NodeConfig(_Strict):
     node: NodeSettings = Field(default_factory=NodeSettings, description="The node itself.")
     accept: list[AcceptEntry] = Field(
@@ -111,6 +120,8 @@ class NodeConfig(_Strict):
         default_factory=list, description="Destination names every complete series is forwarded to."
     )
     outbox: OutboxSettings = Field(default_factory=OutboxSettings, description="Retry policy for sends.")
+    rules: Path | None = Field(None, description="Routing rules file (YAML), relative to this file.")
+    workers: WorkerSettings = Field(default_factory=WorkerSettings, description="The pipeline job workers.")
 
     @field_validator("destinations")
     @classmethod
@@ -135,7 +146,8 @@ class NodeConfig(_Strict):
         if database.startswith(prefix) and not database.startswith(prefix + "/") and database != "sqlite://":
             database = prefix + str(base / database[len(prefix) :])
         node = self.node.model_copy(update={"storage": storage.resolve(), "database": database})
-        return self.model_copy(update={"node": node})
+        rules = self.rules if self.rules is None or self.rules.is_absolute() else (base / self.rules).resolve()
+        return self.model_copy(update={"node": node, "rules": rules})
 
 
 def _unknown_destinations(names: Any, destinations: Any) -> list[str]:
@@ -149,7 +161,7 @@ def _unknown_destinations(names: Any, destinations: Any) -> list[str]:
     ]
 
 
-def _format_errors(error: ValidationError) -> list[str]:
+def format_validation_errors(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
         message = item["msg"].removeprefix("Value error, ")
@@ -173,7 +185,7 @@ def parse_config(data: Any, source: str = "<config>") -> NodeConfig:
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = _format_errors(exc)
+        problems = format_validation_errors(exc)
         # The cross-reference check runs only once every field is valid; report its findings now too.
         if not any(p.startswith("forward.") for p in problems):
             problems += _unknown_destinations(data.get("forward"), data.get("destinations") or {})

@@ -22,6 +22,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Check configuration files."
 app.add_typer(config_app, name="config")
 audit_app = typer.Typer(invoke_without_command=True, help="Read the audit log (and verify its hash chain).")
 app.add_typer(audit_app, name="audit")
+rules_app = typer.Typer(no_args_is_help=True, help="Check routing rules and dry-run them on DICOM files.")
+app.add_typer(rules_app, name="rules")
 
 log = logging.getLogger("dicom_node")
 
@@ -126,6 +128,10 @@ def status(config: ConfigOption = None, json_output: JsonOption = False) -> None
         typer.echo(f"{s['series_uid'][:45]:<45} {s['state']:<11} {s['instance_count']:>5}  "
                    f"{_fmt_time(s['first_received_at']):<19}  {_fmt_time(s['last_received_at']):<19}  "
                    f"{s['calling_ae'] or ''}")
+    typer.echo(f"\nJOBS: {len(data['jobs'])}")
+    for j in data["jobs"]:
+        typer.echo(f"  #{j['id']:<6} {j['state']:<9} {j['rule'][:24]:<24} {j['pipeline']:<10} attempts={j['attempts']}"
+                   f"  {(j['error'] or '').splitlines()[0][:80] if j['error'] else ''}")
     typer.echo(f"\nOUTBOX: {len(data['outbox'])} not delivered, {data['sent_total']} sent")
     for o in data["outbox"]:
         typer.echo(f"  #{o['id']:<6} {o['state']:<8} {o['destination']:<12} attempts={o['attempts']:<3} "
@@ -171,6 +177,56 @@ def audit_verify(ctx: typer.Context) -> None:
         typer.echo(f"audit chain BROKEN: {len(problems)} problem(s) in {count} records", err=True)
         raise typer.Exit(1)
     typer.echo(f"audit chain OK: {count} records")
+
+
+def _rules_for(config: Path | None, rules_file: Path | None):
+    from dicom_node.runtime import load_checked_rules
+
+    cfg, _ = _load(config)
+    path = rules_file or cfg.rules
+    if path is None:
+        typer.echo("no rules file: give one, or set 'rules:' in the node config", err=True)
+        raise typer.Exit(2)
+    try:
+        return cfg, path, load_checked_rules(path, cfg)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+
+
+@rules_app.command("check")
+def rules_check(rules_file: Annotated[Optional[Path], typer.Argument(help="Default: the config's rules.")] = None,
+                config: ConfigOption = None) -> None:
+    """Validate a rules file against the node config: schema, destinations, pipelines and parameters."""
+    _, path, rules = _rules_for(config, rules_file)
+    typer.echo(f"{path}: OK ({len(rules.rules)} rule(s): {', '.join(r.name for r in rules.rules)})")
+
+
+@rules_app.command("test")
+def rules_test(args: Annotated[list[Path], typer.Argument(help="[RULES_FILE] PATH: DICOM files or folders.")],
+               config: ConfigOption = None,
+               calling_ae: Annotated[str, typer.Option(help="Pretend the series came from this AE.")] = "TPS",
+               has_structure_set: Annotated[bool, typer.Option(help="Pretend an RTSTRUCT is held.")] = False) -> None:
+    """Dry run: for each series under PATH, which rules match, why the others don't, what would be done."""
+    from dicom_node.dryrun import describe_series, scan_series
+
+    rules_file = args[0] if len(args) == 2 else None
+    cfg, path, rules = _rules_for(config, rules_file)
+    for series in scan_series(args[-1]):
+        for line in describe_series(series, rules, cfg, calling_ae=calling_ae,
+                                    has_structure_set=has_structure_set):
+            typer.echo(line)
+
+
+@app.command()
+def pipelines() -> None:
+    """List the registered pipelines (built-ins and plug-ins)."""
+    from pipeline.base import available_pipelines, load_pipeline
+
+    for name in available_pipelines():
+        p = load_pipeline(name)
+        params = ", ".join(p.Params.model_fields) or "-"
+        typer.echo(f"{name:<12} {p.version:<10} params: {params}")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 Layout::
 
     STORAGE/instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm
+    STORAGE/outgoing/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   RTSTRUCT / SEG the node produced
     STORAGE/quarantine/<UTC time>-<random>.dcm  (+ .json with the reason)
     STORAGE/tmp/                                  (same file system, so rename is atomic)
 """
@@ -50,6 +51,10 @@ class Spool:
             if not is_valid_uid(uid):
                 raise ValueError(f"{name} is not a valid UID: {str(uid)[:80]!r}")
         return f"instances/{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
+
+    def output_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        """Relative path for an object the node produced (RTSTRUCT, SEG)."""
+        return "outgoing/" + self.instance_path(study_uid, series_uid, sop_instance_uid).removeprefix("instances/")
 
     def absolute(self, relative: str) -> Path:
         path = (self.root / relative).resolve()

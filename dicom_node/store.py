@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 
 from dicom_node.audit import GENESIS, Event, record_hash
 
-__all__ = ["Store", "SeriesState", "SendState", "InstanceRecord", "OutboxRow", "utc_iso"]
+__all__ = ["Store", "SeriesState", "SendState", "JobState", "InstanceRecord", "OutboxRow", "JobRow", "utc_iso"]
 
 metadata = MetaData()
 
@@ -97,6 +97,26 @@ audit_log = Table(
     Column("hash", String(64), nullable=False),
 )
 
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("idempotency_key", String(64), nullable=False, unique=True),
+    Column("series_uid", String(64), nullable=False, index=True),
+    Column("rule", String(64), nullable=False),
+    Column("pipeline", String(64), nullable=False),
+    Column("params", Text, nullable=False),  # JSON
+    Column("formats", Text, nullable=False),  # JSON list: rtstruct, seg
+    Column("send", Text, nullable=False),  # JSON list of [name, ae, host, port]
+    Column("state", String(16), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_until", Float),
+    Column("error", Text),
+    Column("result", Text),  # JSON: structures and outputs
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+)
+
 # One row holding the chain's head; locking it serialises appends across processes and databases.
 audit_head = Table(
     "audit_head", metadata,
@@ -112,6 +132,14 @@ class SeriesState:
     FORWARDING = "forwarding"
     FORWARDED = "forwarded"
     FAILED = "failed"
+
+
+class JobState:
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # gave up after bounded retries (pipeline or model error)
+    REJECTED = "rejected"  # the input cannot be processed (not a volume, bad seed ...): not retried
 
 
 class SendState:
@@ -145,6 +173,18 @@ class OutboxRow:
     dest_ae: str
     dest_host: str
     dest_port: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    series_uid: str
+    rule: str
+    pipeline: str
+    params: dict[str, Any]
+    formats: list[str]
+    send: list[tuple[str, str, str, int]]
     attempts: int
 
 
@@ -349,9 +389,21 @@ class Store:
             )
             return [r.series_uid for r in rows]
 
+    def series_members(self, series_uid: str) -> list[tuple[str, str]]:
+        """(SOP Instance UID, sha256) of every instance of a series, sorted."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(instances.c.sop_instance_uid, instances.c.sha256)
+                                .where(instances.c.series_uid == series_uid))
+            return sorted((r.sop_instance_uid, r.sha256) for r in rows)
+
+    def has_structure_set(self, patient_id: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(series.c.series_uid).where(
+                series.c.patient_id == patient_id, series.c.modality == "RTSTRUCT").limit(1)).first() is not None
+
     def complete_series(
         self, series_uid: str, older_than: float, destinations: Sequence[tuple[str, str, str, int]],
-        now: float | None = None,
+        now: float | None = None, *, new_jobs: Sequence[dict[str, Any]] = (), routing: dict[str, Any] | None = None,
     ) -> bool:
         """Mark a quiet series complete and queue its instances for each (name, ae, host, port) destination.
 
@@ -390,11 +442,89 @@ class Store:
             conn.execute(update(series).where(series.c.series_uid == series_uid).values(
                 state=state, completed_at=now,
             ))
+            created = self._insert_jobs(conn, new_jobs, now)
             self.audit(conn, Event.SERIES_COMPLETE, actor=info.calling_ae, study_uid=info.study_uid,
                        series_uid=series_uid, patient_id=info.patient_id,
                        detail={"instances": len(members), "queued_sends": queued,
-                               "destinations": [d[0] for d in destinations]})
+                               "destinations": [d[0] for d in destinations], "jobs": created,
+                               **(routing or {})})
             return True
+
+    def _insert_jobs(self, conn: Connection, new_jobs: Sequence[dict[str, Any]], now: float) -> list[int]:
+        created = []
+        for job in new_jobs:
+            exists = conn.execute(select(jobs.c.id).where(jobs.c.idempotency_key == job["idempotency_key"])).first()
+            if exists is not None:  # the same series content with the same rule: nothing new to compute
+                continue
+            result = conn.execute(insert(jobs).values(
+                idempotency_key=job["idempotency_key"], series_uid=job["series_uid"], rule=job["rule"],
+                pipeline=job["pipeline"], params=json.dumps(job["params"], sort_keys=True),
+                formats=json.dumps(job["formats"]), send=json.dumps(job["send"]), state=JobState.QUEUED,
+                attempts=0, next_attempt_at=now, created_at=now))
+            created.append(result.inserted_primary_key[0])
+            self.audit(conn, Event.JOB_QUEUED, series_uid=job["series_uid"], detail={
+                "job": created[-1], "rule": job["rule"], "pipeline": job["pipeline"]})
+        return created
+
+    # --- jobs --------------------------------------------------------------------------------------------
+
+    def claim_jobs(self, now: float, lease_seconds: float, limit: int) -> list[JobRow]:
+        with self.transaction() as conn:
+            due = ((jobs.c.state == JobState.QUEUED) & (jobs.c.next_attempt_at <= now)) | (
+                (jobs.c.state == JobState.RUNNING) & (jobs.c.lease_until < now))
+            rows = conn.execute(select(jobs).where(due).order_by(jobs.c.id).limit(limit)
+                                .with_for_update(skip_locked=True)).all()
+            if rows:
+                conn.execute(update(jobs).where(jobs.c.id.in_([r.id for r in rows])).values(
+                    state=JobState.RUNNING, lease_until=now + lease_seconds, attempts=jobs.c.attempts + 1))
+                for r in rows:
+                    self.audit(conn, Event.JOB_STARTED, series_uid=r.series_uid, detail={
+                        "job": r.id, "rule": r.rule, "pipeline": r.pipeline, "attempt": r.attempts + 1})
+        return [JobRow(r.id, r.series_uid, r.rule, r.pipeline, json.loads(r.params), json.loads(r.formats),
+                       [tuple(d) for d in json.loads(r.send)], r.attempts + 1) for r in rows]
+
+    def release_job_leases(self) -> int:
+        """At start-up: jobs that were running when this node died are queued again."""
+        with self.transaction() as conn:
+            result = conn.execute(update(jobs).where(jobs.c.state == JobState.RUNNING).values(
+                state=JobState.QUEUED, lease_until=None, next_attempt_at=time.time()))
+            return result.rowcount or 0
+
+    def finish_job(
+        self, job: JobRow, *, outputs: Sequence[dict[str, Any]] = (), result: dict[str, Any] | None = None,
+        error: str | None = None, rejected: bool = False, retry_at: float | None = None,
+        now: float | None = None,
+    ) -> str:
+        """Record a job's end: done (queue its outputs to every send target), rejected, retried or failed."""
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            if error is None:
+                state = JobState.DONE
+            elif rejected:
+                state = JobState.REJECTED
+            else:
+                state = JobState.QUEUED if retry_at is not None else JobState.FAILED
+            conn.execute(update(jobs).where(jobs.c.id == job.id).values(
+                state=state, lease_until=None, error=error, result=json.dumps(result) if result else None,
+                next_attempt_at=retry_at or now, finished_at=now if state != JobState.QUEUED else None))
+            rows = [dict(series_uid=o["series_uid"], sop_instance_uid=o["sop_instance_uid"], sha256=o["sha256"],
+                         path=o["path"], destination=name, dest_ae=ae, dest_host=host, dest_port=port,
+                         state=SendState.PENDING, attempts=0, next_attempt_at=now, created_at=now)
+                    for o in outputs for name, ae, host, port in job.send]
+            if rows:
+                conn.execute(insert(outbox), rows)
+            event = {JobState.DONE: Event.JOB_DONE, JobState.REJECTED: Event.JOB_REJECTED,
+                     JobState.QUEUED: Event.JOB_RETRY, JobState.FAILED: Event.JOB_FAILED}[state]
+            outcome = {JobState.DONE: "ok", JobState.QUEUED: "retry"}.get(state, "failed")
+            self.audit(conn, event, outcome, series_uid=job.series_uid, detail={
+                "job": job.id, "rule": job.rule, "pipeline": job.pipeline, "attempt": job.attempts,
+                "error": error, "outputs": [o["sop_instance_uid"] for o in outputs],
+                "send": [d[0] for d in job.send], **(result or {})})
+            return state
+
+    def job_rows(self, limit: int = 500) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(jobs).order_by(jobs.c.id.desc()).limit(limit))]
 
     def series_states(self) -> dict[str, str]:
         with self.engine.connect() as conn:
@@ -522,7 +652,9 @@ class Store:
             outbox_rows = [dict(r._mapping) for r in conn.execute(
                 select(outbox).where(outbox.c.state != SendState.SENT).order_by(outbox.c.id).limit(1000))]
             sent = conn.execute(select(func.count()).where(outbox.c.state == SendState.SENT)).scalar_one()
-        return {"series": series_rows, "outbox": outbox_rows, "sent_total": sent}
+            job_rows = [dict(r._mapping) for r in conn.execute(
+                select(jobs).order_by(jobs.c.id.desc()).limit(200))]
+        return {"series": series_rows, "outbox": outbox_rows, "sent_total": sent, "jobs": job_rows}
 
     def series_info(self, series_uid: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

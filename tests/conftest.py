@@ -17,7 +17,7 @@ def make_node(tmp_path):
     started = []
 
     def factory(*, accept=({"ae_title": "TPS"},), destinations=None, forward=(), stable=1.0, storage=None,
-                outbox=None, database=None, **node_settings):
+                outbox=None, database=None, rules=None, **node_settings):
         data = {
             "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port(),
                      "storage": str(storage or tmp_path / "storage"),
@@ -27,6 +27,7 @@ def make_node(tmp_path):
             "destinations": destinations or {},
             "forward": list(forward),
             "outbox": outbox or {"backoff_seconds": 0.5, "backoff_max_seconds": 2, "poll_seconds": 0.2},
+            "rules": rules,
         }
         node = Node(parse_config(data))
         node.start()

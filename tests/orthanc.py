@@ -36,6 +36,14 @@ class Orthanc:
             text = response.read()
         return json.loads(text) if text else None
 
+    def put(self, path: str, body: dict) -> None:
+        request = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), method="PUT")
+        urllib.request.urlopen(request, timeout=30).close()
+
+    def download(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url(path), timeout=60) as response:
+            return response.read()
+
     def upload(self, paths: list[Path]) -> list[str]:
         return [self.post("/instances", p.read_bytes())["ID"] for p in paths]
 

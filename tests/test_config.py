@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_example_config_is_valid():
     cfg = load_node_config(REPO / "config" / "node.example.yaml")
-    assert cfg.node.ae_title == "DICOMNODE" and cfg.forward == ["tps"]
+    assert cfg.node.ae_title == "DICOMNODE" and cfg.forward == [] and cfg.rules.name == "rules.example.yaml"
     assert cfg.node.storage.is_absolute() and cfg.node.storage.is_relative_to(REPO / "config")
 
 
