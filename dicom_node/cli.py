@@ -86,6 +86,7 @@ def serve(config: ConfigOption = None,
         except ConfigError as exc:
             log.error("configuration reload refused, previous settings stay in force:\n%s", exc)
             node.store.record("config.rejected", "failed", actor="node", detail={"problems": exc.problems})
+        node.reload_rules()
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
