@@ -1,7 +1,8 @@
 """``dicom-node demo``: the node on embedded defaults, a local 'TPS', and a real CT pushed through it.
 
-It shows the whole path a clinic sees: a sender stores a CT series to the node, the node stores it durably,
-recognises the series as complete and forwards it to the planning system, auditing every step.
+It shows the whole path a clinic sees: the planning system stores a CT series to the node, the node stores it
+durably, recognises the series as complete, routes it by a rule to the built-in ``body`` pipeline and returns an
+RTSTRUCT and a DICOM SEG to the planning system, auditing every step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 _SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "openkbp" / "validation"
 
 
+DEMO_RULES = """\
+rules:
+  - name: demo external
+    match: {Modality: CT, calling_ae: DEMO-TPS}
+    run: [{pipeline: body}]
+    output: [both]
+    send: [reply]
+"""
+
+
 def demo_ct() -> tuple[np.ndarray, tuple[float, float, float], str]:
     """A real head-and-neck CT from ../shared/data when present, else a simple synthetic phantom."""
     cases = sorted(_SHARED_CT.glob("*.npz")) if _SHARED_CT.is_dir() else []
@@ -42,16 +53,16 @@ def demo_ct() -> tuple[np.ndarray, tuple[float, float, float], str]:
     return ct, (3.0, 3.0, 3.0), "synthetic phantom"
 
 
-def _start_tps(folder: Path) -> tuple[object, int, list[str]]:
+def _start_tps(folder: Path) -> tuple[object, int, list[tuple[str, str]]]:
     """A minimal storage SCP standing in for the planning system; it records what it receives."""
     folder.mkdir(parents=True, exist_ok=True)
-    received: list[str] = []
+    received: list[tuple[str, str]] = []
 
     def on_store(event: evt.Event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
-        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-        received.append(str(ds.SOPInstanceUID))
+        ds.save_as(folder / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        received.append((str(ds.Modality), str(ds.SOPInstanceUID)))
         return 0
 
     ae = AE(ae_title="DEMO-TPS")
@@ -71,12 +82,15 @@ def _free_port() -> int:
 def run_demo(folder: Path, *, keep: bool, echo: Callable[[str], None]) -> int:
     folder = folder.resolve()
     tps_server, tps_port, received = _start_tps(folder / "tps")
+    folder.mkdir(parents=True, exist_ok=True)
+    rules = folder / "rules.yaml"
+    rules.write_text(DEMO_RULES)
     config = NodeConfig(
         node=NodeSettings(host="127.0.0.1", port=_free_port(), storage=folder / "storage",
                           database=f"sqlite:///{folder / 'node.db'}", series_stable_seconds=2),
-        accept=[{"ae_title": "DEMO-PACS", "host": "127.0.0.1"}],
+        accept=[{"ae_title": "DEMO-TPS", "host": "127.0.0.1"}],
         destinations={"tps": Destination(ae_title="DEMO-TPS", host="127.0.0.1", port=tps_port)},
-        forward=["tps"],
+        rules=rules,
     )
     node = Node(config, config_source="embedded demo defaults")
     node.start()
@@ -91,19 +105,22 @@ def run_demo(folder: Path, *, keep: bool, echo: Callable[[str], None]) -> int:
             paths.append(out / f"CT{i:04d}.dcm")
             ds.save_as(paths[-1], enforce_file_format=True)
         echo(f"node DICOMNODE listening on 127.0.0.1:{node.port}; storage {config.node.storage}")
-        echo(f"DEMO-PACS sends a {len(paths)}-slice CT ({source}) ...")
+        echo(f"DEMO-TPS sends a {len(paths)}-slice CT ({source}) ...")
         started = time.monotonic()
         results = send_files(Destination(ae_title="DICOMNODE", host="127.0.0.1", port=node.port), paths,
-                             calling_ae="DEMO-PACS")
+                             calling_ae="DEMO-TPS")
         stored = sum(r.ok for r in results)
         echo(f"  node stored {stored}/{len(paths)} instances durably in {time.monotonic() - started:.1f} s")
-        series_uid = str(series[0].SeriesInstanceUID)
-        echo(f"waiting {config.node.series_stable_seconds:g} s of quiet for the series to complete ...")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and node.store.series_states().get(series_uid) != "forwarded":
+        echo(f"waiting {config.node.series_stable_seconds:g} s of quiet for the series to complete; the rule "
+             "'demo external' then runs the built-in 'body' pipeline ...")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(received) < 2:
             time.sleep(0.2)
-        state = node.store.series_states().get(series_uid)
-        echo(f"  series state: {state}; DEMO-TPS received {len(received)} instances")
+        time.sleep(0.5)
+        for job in node.store.job_rows():
+            echo(f"  job {job['id']}: {job['pipeline']} {job['state']} {job['error'] or ''}")
+        kinds = sorted(m for m, _ in received)
+        echo(f"  DEMO-TPS received: {', '.join(kinds) or 'nothing'} in {folder / 'tps'}")
         records = list(node.store.audit_chain())
         events: dict[str, int] = {}
         for record in records:
@@ -111,7 +128,7 @@ def run_demo(folder: Path, *, keep: bool, echo: Callable[[str], None]) -> int:
         echo("audit: " + ", ".join(f"{k} x{v}" for k, v in events.items()))
         problems = verify_chain(records)
         echo(f"audit chain: {'OK' if not problems else 'BROKEN'} ({len(records)} records)")
-        ok = state == "forwarded" and len(received) == len(paths) and not problems
+        ok = kinds == ["RTSTRUCT", "SEG"] and not problems
         echo("demo OK" if ok else "demo FAILED")
         if keep and ok:
             echo(f"node keeps running on port {node.port} (Ctrl-C to stop); try: dicom-node status --config ...")

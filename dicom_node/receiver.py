@@ -173,10 +173,13 @@ class Receiver:
         reason = check_association(calling, called, host, self.settings.ae_title, self._accept)
         if reason is None:
             return
-        assoc.acse.send_reject(0x01, 0x01, int(reason))
         log.warning("rejected association from %s@%s: %s", calling, host, reason.name)
         self._audit_quietly(Event.ASSOCIATION_REJECTED, "rejected", actor=f"{calling}@{host}",
                             detail={"called_ae": called, "reason": reason.name})
+        assoc.acse.send_reject(0x01, 0x01, int(reason))
+        # As pynetdicom's own rejections do: wait until the DUL has sent the A-ASSOCIATE-RJ before the
+        # connection is closed, or the peer may see an abort instead of the reason.
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc

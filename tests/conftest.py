@@ -17,7 +17,7 @@ def make_node(tmp_path):
     started = []
 
     def factory(*, accept=({"ae_title": "TPS"},), destinations=None, forward=(), stable=1.0, storage=None,
-                outbox=None, database=None, rules=None, **node_settings):
+                outbox=None, database=None, rules=None, workers=None, **node_settings):
         data = {
             "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port(),
                      "storage": str(storage or tmp_path / "storage"),
@@ -28,6 +28,7 @@ def make_node(tmp_path):
             "forward": list(forward),
             "outbox": outbox or {"backoff_seconds": 0.5, "backoff_max_seconds": 2, "poll_seconds": 0.2},
             "rules": rules,
+            "workers": workers or {},
         }
         node = Node(parse_config(data))
         node.start()

@@ -158,3 +158,31 @@ def test_orthanc_pushes_ct_and_gets_a_valid_rtstruct_back(make_node, openkbp_ser
     assert dciodvfy_errors(rt_path) == []
     masks = plastimatch_masks(rt_path, openkbp_series[0].parent, tmp_path / "pm")
     assert dice(masks["External"], expected_body) >= 0.98
+
+
+def test_a_failing_pipeline_is_retried_then_failed_and_audited(make_node, openkbp_series, tmp_path, monkeypatch):
+    """The worker's error policy, with a stand-in pipeline that raises (a model error, not an input error)."""
+    import dicom_node.worker
+    import pipeline.routing
+    from pipeline.base import PipelineParams
+
+    class Exploding:
+        name, version, Params = "explode", "0", PipelineParams
+
+        def run(self, data):
+            raise RuntimeError("weights file is corrupted")
+
+    real = load_pipeline
+    fake = lambda name: Exploding() if name == "explode" else real(name)  # noqa: E731
+    monkeypatch.setattr(pipeline.routing, "load_pipeline", fake)
+    monkeypatch.setattr(dicom_node.worker, "load_pipeline", fake)
+    node = make_node(stable=0.5, rules=str(_rules_file(tmp_path, pipeline="explode")),
+                     workers={"max_attempts": 2, "retry_seconds": 0.2},
+                     destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": 1}})
+    assert storescu(node.port, openkbp_series[:5]).returncode == 0
+    wait_until(lambda: [j["state"] for j in node.store.job_rows()] == ["failed"], 30, what="failed job")
+    (job,) = node.store.job_rows()
+    assert job["attempts"] == 2 and "RuntimeError: weights file is corrupted" in job["error"]
+    assert [r["outcome"] for r in node.store.audit_records(event="job.*") if r["event"] != "job.queued"] == [
+        "ok", "retry", "ok", "failed"]
+    assert storescu(node.port, openkbp_series[5:7]).returncode == 0  # the node keeps serving

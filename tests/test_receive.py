@@ -14,7 +14,7 @@ from pynetdicom import AE, evt
 
 from dicom_node.sender import echo, send_files
 from dicom_node.status import Status
-from config.node import Destination
+from config.node import AcceptEntry, Destination
 from dicomutil import dataset_bytes, sop_uid, transfer_syntax
 from factories import DICOM_DATA
 from netutil import storescu, wait_until
@@ -111,6 +111,16 @@ def test_pynetdicom_sender_and_echo(make_node, openkbp_series):
     assert set(_stored(node)) == {sop_uid(p) for p in openkbp_series[:10]}
 
 
+def test_dcmtk_echoscu(make_node):
+    node = make_node()
+    ok = subprocess.run(["echoscu", "-aet", "TPS", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(["echoscu", "-aet", "NOBODY", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stderr
+
+
 def test_resend_is_idempotent(make_node, openkbp_series):
     node = make_node(stable=30)
     assert storescu(node.port, openkbp_series[:20]).returncode == 0
@@ -139,9 +149,9 @@ def test_association_policy_rejects_and_audits(make_node, openkbp_series, callin
     assert _stored(node) == {}
     rejected = _events(node, "association.rejected")
     assert len(rejected) == 1 and rejected[0]["actor"].startswith(f"{calling}@127.0.0.1")
-    # and the node keeps serving an allowed peer
-    assert echo(Destination(ae_title="DICOMNODE", host="127.0.0.1", port=node.port), calling_ae="TPS") in (
-        0, None)
+    # the listener keeps serving: once TPS is allowed (as a config reload does), its echo succeeds
+    node.receiver.accept = [AcceptEntry(ae_title="TPS")]
+    assert echo(Destination(ae_title="DICOMNODE", host="127.0.0.1", port=node.port), calling_ae="TPS") == 0
 
 
 def _raw_store(port: int, path: Path, calling: str = "TPS") -> int | None:
