@@ -59,8 +59,7 @@ def storescp(folder: Path, ae_title: str = "TPS", port: int | None = None) -> It
         wait_for_port(port, proc=proc)
         yield port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 def storescu(port: int, files: list[Path], calling: str = "TPS", called: str = "DICOMNODE",
@@ -70,6 +69,17 @@ def storescu(port: int, files: list[Path], calling: str = "TPS", called: str = "
         ["storescu", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, files)],
         env=DCMTK_ENV, capture_output=True, text=True, timeout=300,
     )
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def write_config(path: Path, data: dict) -> Path:
@@ -87,11 +97,5 @@ def node_process(config: Path, port: int) -> Iterator[subprocess.Popen]:
         wait_for_port(port, proc=proc, timeout=60)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         log.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from netutil import free_port, wait_for_port, wait_until
+from netutil import free_port, stop_process, wait_for_port, wait_until
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
@@ -76,12 +76,7 @@ def orthanc(folder: Path, aet: str, modalities: dict[str, list]) -> Iterator[Ort
         wait_until(lambda: _alive(server), 30, what="Orthanc REST API")
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 
