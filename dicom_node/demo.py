@@ -18,7 +18,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from config.node import Destination, NodeConfig, NodeSettings
 from dicom_node.audit import verify_chain
-from dicom_node.netopts import set_nodelay
+from dicom_node.netopts import tune_connection
 from dicom_node.runtime import Node
 from dicom_node.sender import send_files
 from pipeline.export import ct_series
@@ -69,7 +69,7 @@ def _start_tps(folder: Path) -> tuple[object, int, list[tuple[str, str]]]:
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     server = ae.start_server(("127.0.0.1", 0), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, set_nodelay)])
+                             evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, tune_connection)])
     return server, server.server_address[1], received
 
 

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from config.node import AcceptEntry, NodeSettings
 from dicom_node import InvalidInstance, StorageError
 from dicom_node.audit import Event
-from dicom_node.netopts import cheap_copy_contexts, set_nodelay
+from dicom_node.netopts import cheap_copy_contexts, tune_connection
 from dicom_node.spool import Spool, is_valid_uid
 from dicom_node.status import RejectReason, Status
 from dicom_node.store import InstanceRecord, Store
@@ -143,7 +143,7 @@ class Receiver:
 
     def start(self) -> None:
         handlers = [
-            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, tune_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),

@@ -17,7 +17,7 @@ from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from config.node import Destination
-from dicom_node.netopts import set_nodelay
+from dicom_node.netopts import tune_connection
 
 __all__ = ["SendResult", "send_files", "echo", "collect_files"]
 
@@ -109,7 +109,7 @@ def _send_batch(destination: Destination, contexts: list, headers: Sequence[_Hea
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.maximum_pdu_size = 0
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)])
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
         return [SendResult(h.path, h.sop_instance, None, f"{reason}: {destination}") for h in headers]
