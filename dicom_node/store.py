@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    Column, Connection, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine,
-    event, func, insert, select, update,
+    Column, Connection, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
+    create_engine, event, func, insert, select, update,
 )
 from sqlalchemy.engine import Engine
 
@@ -124,6 +124,20 @@ audit_head = Table(
     Column("last_id", Integer, nullable=False),
     Column("last_hash", String(64), nullable=False),
 )
+
+
+# Statements on the per-instance hot path, built once (parameters are bound per execution).
+_HEAD_FOR_UPDATE = select(audit_head.c.last_id, audit_head.c.last_hash).where(audit_head.c.id == 1).with_for_update()
+_INSERT_AUDIT = insert(audit_log)
+_UPDATE_HEAD = update(audit_head).where(audit_head.c.id == 1)
+_INSERT_INSTANCE = insert(instances)
+_INSTANCE_BY_UID = select(instances.c.sha256, instances.c.series_uid).where(
+    instances.c.sop_instance_uid == bindparam("uid"))
+_SERIES_STATE = select(series.c.state).where(series.c.series_uid == bindparam("uid"))
+_TOUCH_SERIES = update(series).where(series.c.series_uid == bindparam("uid")).values(
+    state="receiving", last_received_at=bindparam("now"),
+    calling_ae=bindparam("calling_ae"), called_ae=bindparam("called_ae"), peer_host=bindparam("peer_host"),
+    instance_count=series.c.instance_count + bindparam("added"))
 
 
 class SeriesState:
@@ -245,7 +259,7 @@ class Store:
 
     def audit(self, conn: Connection, event_type: str, outcome: str = "ok", **fields: Any) -> None:
         """Append one audit record inside the caller's transaction."""
-        head = conn.execute(select(audit_head).where(audit_head.c.id == 1).with_for_update()).one()
+        head = conn.execute(_HEAD_FOR_UPDATE).one()
         detail = fields.pop("detail", None)
         record = {
             "ts": utc_iso(),
@@ -262,8 +276,8 @@ class Store:
             raise TypeError(f"unknown audit fields: {sorted(fields)}")
         digest = record_hash(head.last_hash, record)
         new_id = head.last_id + 1
-        conn.execute(insert(audit_log).values(id=new_id, prev_hash=head.last_hash, hash=digest, **record))
-        conn.execute(update(audit_head).where(audit_head.c.id == 1).values(last_id=new_id, last_hash=digest))
+        conn.execute(_INSERT_AUDIT, {"id": new_id, "prev_hash": head.last_hash, "hash": digest, **record})
+        conn.execute(_UPDATE_HEAD, {"last_id": new_id, "last_hash": digest})
 
     def record(self, event_type: str, outcome: str = "ok", **fields: Any) -> None:
         """Append one audit record in its own transaction."""
@@ -321,10 +335,7 @@ class Store:
         subject = dict(study_uid=rec.study_uid, series_uid=rec.series_uid, sop_instance_uid=rec.sop_instance_uid,
                        patient_id=rec.patient_id)
         with self.transaction() as conn:
-            old = conn.execute(
-                select(instances.c.sha256, instances.c.series_uid)
-                .where(instances.c.sop_instance_uid == rec.sop_instance_uid)
-            ).first()
+            old = conn.execute(_INSTANCE_BY_UID, {"uid": rec.sop_instance_uid}).first()
             if old is not None and old.sha256 == rec.sha256 and old.series_uid == rec.series_uid:
                 self.audit(conn, Event.INSTANCE_DUPLICATE, actor=actor, **subject)
                 return "duplicate"
@@ -334,7 +345,7 @@ class Store:
                 received_at=now, calling_ae=calling_ae,
             )
             if old is None:
-                conn.execute(insert(instances).values(sop_instance_uid=rec.sop_instance_uid, **values))
+                conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": rec.sop_instance_uid, **values})
             else:
                 conn.execute(
                     update(instances).where(instances.c.sop_instance_uid == rec.sop_instance_uid).values(**values)
@@ -353,7 +364,7 @@ class Store:
         self, conn: Connection, rec: InstanceRecord, now: float, calling_ae: str, called_ae: str, peer_host: str,
         actor: str, *, is_new: bool,
     ) -> None:
-        row = conn.execute(select(series.c.state).where(series.c.series_uid == rec.series_uid)).first()
+        row = conn.execute(_SERIES_STATE, {"uid": rec.series_uid}).first()
         if row is None:
             conn.execute(insert(series).values(
                 series_uid=rec.series_uid, study_uid=rec.study_uid, patient_id=rec.patient_id,
@@ -365,10 +376,8 @@ class Store:
             # More data for a series we considered complete: wait for quiet again, then process what is new.
             self.audit(conn, Event.SERIES_REOPENED, actor=actor, study_uid=rec.study_uid,
                        series_uid=rec.series_uid, patient_id=rec.patient_id, detail={"was": row.state})
-        conn.execute(update(series).where(series.c.series_uid == rec.series_uid).values(
-            state=SeriesState.RECEIVING, last_received_at=now, calling_ae=calling_ae, called_ae=called_ae,
-            peer_host=peer_host, instance_count=series.c.instance_count + (1 if is_new else 0),
-        ))
+        conn.execute(_TOUCH_SERIES, {"uid": rec.series_uid, "now": now, "calling_ae": calling_ae,
+                                     "called_ae": called_ae, "peer_host": peer_host, "added": int(is_new)})
         if not is_new:  # a replaced instance may have moved between series: count from the index
             self._recount(conn, rec.series_uid)
 
