@@ -21,6 +21,8 @@ debian_packages() {
     local wanted=(dcmtk orthanc dicom3tools plastimatch dcm2niix)
     local missing=()
     for p in "${wanted[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    # a PostgreSQL server for the tests that run the node on it (some images ship one in /usr/local/bin)
+    command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     if [ ${#missing[@]} -gt 0 ]; then
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

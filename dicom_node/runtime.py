@@ -59,6 +59,7 @@ class Node:
         # Jobs skip a run while the previous one is still busy; that is expected, not worth a warning each time.
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
         self._sweep_lock = threading.Lock()
+        self._stopped = False
         self._send_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -91,6 +92,10 @@ class Node:
             "resumed_sends": released, "resumed_jobs": resumed_jobs, "recovered_instances": recovered})
 
     def stop(self) -> None:
+        """Stop listening, let running jobs and sends finish, record it; calling it again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.receiver.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
