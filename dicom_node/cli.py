@@ -292,6 +292,12 @@ def demo(keep: Annotated[bool, typer.Option(help="Keep the node running afterwar
     raise typer.Exit(run_demo(folder, keep=keep, echo=typer.echo))
 
 
+# `convert` lives in its own module (offline training-data export); registered here like the other commands.
+from dicom_node.convert_cli import convert as _convert  # noqa: E402
+
+app.command("convert")(_convert)
+
+
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
     if version:
