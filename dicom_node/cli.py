@@ -24,6 +24,8 @@ audit_app = typer.Typer(invoke_without_command=True, help="Read the audit log (a
 app.add_typer(audit_app, name="audit")
 rules_app = typer.Typer(no_args_is_help=True, help="Check routing rules and dry-run them on DICOM files.")
 app.add_typer(rules_app, name="rules")
+models_app = typer.Typer(no_args_is_help=True, help="Model packages used by the organs pipeline.")
+app.add_typer(models_app, name="models")
 
 log = logging.getLogger("dicom_node")
 
@@ -228,6 +230,88 @@ def pipelines() -> None:
         p = load_pipeline(name)
         params = ", ".join(p.Params.model_fields) or "-"
         typer.echo(f"{name:<12} {p.version:<10} params: {params}")
+
+
+@models_app.command("list")
+def models_list(path: Annotated[Optional[list[Path]], typer.Option("--path", help="Also look in this folder.")] = None,
+                verify: Annotated[bool, typer.Option(help="Check every weights file's SHA-256.")] = True,
+                as_json: JsonOption = False) -> None:
+    """List installed model packages (built-in zoo, $DICOM_NODE_MODEL_PATH, --path); exit 1 if one is broken."""
+    from models.package import list_packages, load_package
+
+    found = list_packages(path, verify=verify)
+    rows = []
+    for info in found:
+        row: dict[str, Any] = {"name": info.name, "version": info.version, "path": str(info.path),
+                               "structures": list(info.labels), "error": info.error}
+        if info.error is None:
+            metrics = load_package(info.path, verify=False).manifest.metrics
+            row["validation_mean_dice"] = metrics.get("validation_mean_dice")
+        rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            if r["error"]:
+                typer.echo(f"{r['name']:<12} BROKEN  {r['error']}")
+                continue
+            dice = r.get("validation_mean_dice")
+            score = f"  validation Dice {dice:.3f}" if isinstance(dice, float) else ""
+            typer.echo(f"{r['name']:<12} {r['version']:<8} {', '.join(r['structures'])}{score}\n{'':<12} {r['path']}")
+        if not rows:
+            typer.echo("no model packages found")
+    raise typer.Exit(1 if any(r["error"] for r in rows) else 0)
+
+
+@app.command()
+def train(config: Annotated[Path, typer.Option("--config", "-c", help="Training config (YAML), see "
+                                               "config/train.example.yaml.")],
+          no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False) -> None:
+    """Train an organ model from NPZ folders; resumes a stopped run; writes a model package."""
+    from config.training import load_training_config
+    from models.errors import ModelError
+    from models.train import train as run_training
+
+    _setup_logging(False)
+    try:
+        cfg = load_training_config(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    if no_progress:
+        cfg = cfg.model_copy(update={"progress": False})
+    try:
+        result = run_training(cfg)
+    except ModelError as exc:
+        typer.echo(f"training failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"model package: {result.package.path}")
+    if result.best_epoch >= 0 and result.best_dice >= 0:
+        typer.echo(f"best epoch {result.best_epoch}: validation mean Dice {result.best_dice:.3f} (model grid)")
+
+
+@app.command()
+def evaluate(model: Annotated[str, typer.Argument(help="Installed package name or a package folder.")],
+             data: Annotated[list[Path], typer.Argument(help="NPZ files or folders of them.")],
+             out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("evaluation"),
+             tta: Annotated[bool, typer.Option(help="Mirror test-time augmentation.")] = False,
+             limit: Annotated[Optional[int], typer.Option(help="Only the first N cases.")] = None,
+             device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto") -> None:
+    """Per case and structure Dice, HD95 and surface Dice (2 mm); CSV, summary, box plot and overlays."""
+    from models.errors import ModelError
+    from models.evaluate import evaluate as run_evaluation, summary_markdown
+    from models.organs import resolve_device
+    from models.package import find_package, load_package
+
+    try:
+        package = load_package(model) if Path(model).is_dir() else find_package(model)
+        summary = run_evaluation(package, data, out, tta=tta, device=resolve_device(device), limit=limit,
+                                 progress=typer.echo)
+    except ModelError as exc:
+        typer.echo(f"evaluation failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary_markdown(summary))
+    typer.echo(f"report: {out}")
 
 
 @app.command()

@@ -1,0 +1,122 @@
+"""Model packages: manifest + hash-checked weights; a damaged package is refused with a clear message."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dicom_node.cli import app
+from models.errors import ModelInputError, ModelPackageError
+from models.networks import build_network
+from models.organs import canonical_axes, segment_volume
+from models.package import load_package, write_package
+from models.types import Volume
+
+LABELS = [{"name": "Parotid_R", "mirror": "Parotid_L"}, {"name": "Parotid_L", "mirror": "Parotid_R"},
+          {"name": "Brainstem"}]
+ARCH = {"name": "slices.UNet", "params": {"in_channels": 1, "out_channels": 3, "context": 1,
+                                          "channels": [4, 8], "strides": [2], "norm": "BATCH"}}
+
+
+def _fields(**over):
+    fields = {"name": "toy", "version": "0.1", "architecture": ARCH, "target_spacing": [4.0, 4.0, 3.0],
+              "intensity": {"lower": -1000, "upper": 1000, "std": 500}, "patch": {"size": [4, 32, 32]},
+              "threshold": 0.5, "labels": LABELS}
+    return fields | over
+
+
+@pytest.fixture
+def package(tmp_path):
+    torch.manual_seed(0)
+    net = build_network(ARCH["name"], ARCH["params"])
+    with torch.no_grad():  # a positive bias on channel 0 so the toy network segments something
+        net.net.model[-1].conv.bias.add_(torch.tensor([0.3, -5.0, -5.0]))
+    return write_package(tmp_path / "toy", _fields(), net.state_dict())
+
+
+def test_package_round_trip(package):
+    loaded = load_package(package.path)
+    assert loaded.manifest.label_names == ["Parotid_R", "Parotid_L", "Brainstem"]
+    assert loaded.manifest.mirror_permutation() == [1, 0, 2]
+    net = loaded.build_network()
+    assert not net.training
+
+
+def test_replaced_weights_are_refused(package):
+    weights = package.weights_path
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelPackageError, match="corrupted or replaced: SHA-256"):
+        load_package(package.path)
+
+
+@pytest.mark.parametrize("damage", ["no-manifest", "no-weights", "bad-manifest", "unknown-architecture"])
+def test_incomplete_or_invalid_packages_are_refused(package, damage):
+    if damage == "no-manifest":
+        (package.path / "manifest.yaml").unlink()
+        match = "manifest.yaml is missing"
+    elif damage == "no-weights":
+        package.weights_path.unlink()
+        match = "weights file 'weights.pt' is missing"
+    elif damage == "bad-manifest":
+        text = (package.path / "manifest.yaml").read_text().replace("target_spacing:", "target_spacin:")
+        (package.path / "manifest.yaml").write_text(text)
+        match = "invalid manifest: target_spacing: Field required"
+    else:
+        text = (package.path / "manifest.yaml").read_text().replace("slices.UNet", "resnet")
+        (package.path / "manifest.yaml").write_text(text)
+        with pytest.raises(ModelPackageError, match="unknown architecture 'resnet'"):
+            load_package(package.path).build_network()
+        return
+    with pytest.raises(ModelPackageError, match=match):
+        load_package(package.path)
+
+
+def test_models_list_shows_broken_packages_and_fails(package, tmp_path):
+    shutil.copytree(package.path, tmp_path / "zoo" / "good")
+    shutil.copytree(package.path, tmp_path / "zoo" / "bad")
+    weights = tmp_path / "zoo" / "bad" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    result = CliRunner().invoke(app, ["models", "list", "--path", str(tmp_path / "zoo")])
+    assert result.exit_code == 1
+    assert "BROKEN" in result.output and "corrupted or replaced" in result.output
+    assert "Parotid_R, Parotid_L, Brainstem" in result.output
+
+
+def test_canonical_axes_for_feet_first_and_sagittal_grids():
+    assert canonical_axes((1, 0, 0, 0, 1, 0, 0, 0, 1)) == ((0, 1, 2), (False, False, False))
+    assert canonical_axes((1, 0, 0, 0, 1, 0, 0, 0, -1)) == ((0, 1, 2), (True, False, False))
+    sagittal = np.zeros((3, 3))
+    sagittal[1, 0], sagittal[2, 1], sagittal[0, 2] = 1, -1, 1  # columns: P, rows: inferior, slices: L
+    transpose, flips = canonical_axes(tuple(sagittal.ravel()))
+    zyx = np.stack(np.meshgrid(*[np.arange(n) for n in (4, 5, 6)], indexing="ij"), -1)  # (Z, Y, X, 3) indices
+    patient = zyx[..., ::-1] @ sagittal.T  # patient (x, y, z) of every voxel
+    canonical = np.flip(np.transpose(patient, (*transpose, 3)), [a for a in range(3) if flips[a]])
+    for axis, patient_axis in ((2, 0), (1, 1), (0, 2)):  # numpy axis -> the patient axis it must increase
+        step = np.diff(canonical, axis=axis)[..., patient_axis]
+        assert (step > 0).all()
+    with pytest.raises(ModelInputError, match="too oblique"):
+        c, s = np.cos(np.radians(45)), np.sin(np.radians(45))
+        canonical_axes((c, -s, 0, s, c, 0, 0, 0, 1))
+
+
+def test_segment_volume_is_independent_of_slice_order(package):
+    """A feet-first copy of a series (slices reversed, z axis pointing to the feet) gets the same contours."""
+    from factories import load_openkbp
+
+    case = load_openkbp("validation", 0)
+    image = case.ct[40:56].astype(np.float32)
+    spacing = (case.spacing_zyx[2], case.spacing_zyx[1], case.spacing_zyx[0])
+    head_first = Volume(image, spacing, (0.0, 0.0, 0.0))
+    feet_first = Volume(np.ascontiguousarray(image[::-1]), spacing, (0.0, 0.0, 15 * spacing[2]),
+                        direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    a = {s.name: s.mask for s in segment_volume(head_first, package)}
+    b = {s.name: s.mask for s in segment_volume(feet_first, package)}
+    assert a and set(a) == set(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name][::-1])
