@@ -237,6 +237,8 @@ def _convert(task: _Task) -> dict[str, Any]:
         logger.debug("case %s failed", task.case_id, exc_info=True)
         row["reason"] = f"{type(exc).__name__}: {exc}"
     if row["status"] == "failed":
+        row["reason"] = _scrub(row["reason"], [i.path for i in task.case.images]
+                               + ([task.case.annotation.info.path] if task.case.annotation else []))
         meta, files = _outputs(task.options, task.case_id)
         for path in (meta, *files):  # no stale output from an earlier run may pass for this one
             path.unlink(missing_ok=True)
@@ -244,6 +246,14 @@ def _convert(task: _Task) -> dict[str, Any]:
             row["warnings"] = _fmt(task.case.warnings)
     row["seconds"] = f"{time.perf_counter() - start:.2f}"
     return row
+
+
+def _scrub(text: str, paths: list[str]) -> str:
+    """Error messages may quote file paths, and folder names often carry patient names: the report does not."""
+    for path in sorted({*paths, *(os.path.dirname(p) for p in paths)}, key=len, reverse=True):
+        if path:
+            text = text.replace(path, "<source>")
+    return text
 
 
 def _convert_case(task: _Task) -> dict[str, Any]:
@@ -345,7 +355,7 @@ def _unchanged_row(options: ConvertOptions, case_id: str, fingerprint: str) -> d
 
 def _unreadable_note(case: CasePlan, unreadable: dict[str, str]) -> str:
     folders = {os.path.dirname(i.path) for i in case.images}
-    bad = [reason for path, reason in unreadable.items() if os.path.dirname(path) in folders]
+    bad = [_scrub(reason, [path]) for path, reason in unreadable.items() if os.path.dirname(path) in folders]
     return f"{len(bad)} unreadable DICOM file(s) beside this series' images (e.g. {bad[0]})" if bad else ""
 
 
@@ -360,9 +370,9 @@ def _plan_rows(plan: Plan, pseudo: Pseudonymiser, unreadable: dict[str, str]) ->
         rows.append({"case": pseudo.case(orphan.info.patient_id, orphan.info.sop_uid), "status": "failed",
                      "patient": pseudo.patient(orphan.info.patient_id), "reason": orphan.reason,
                      "annotation": orphan.info.modality, "structure_set": orphan.info.label})
-    for i, (_, reason) in enumerate(sorted(unreadable.items())):
+    for i, (path, reason) in enumerate(sorted(unreadable.items())):
         rows.append({"case": "", "status": "failed", "reason": f"unreadable DICOM file #{i + 1} "
-                     f"(its path is in the log and the key file): {reason}"})
+                     f"(its path is in the log and the key file): {_scrub(reason, [path])}"})
     return rows
 
 

@@ -343,3 +343,4 @@ def test_broken_cases_are_reported_and_the_run_goes_on(broken_export, tmp_path):
     assert len(orphan) == 1 and orphan[0]["status"] == "failed"
     assert sum(r["status"] == "converted" for r in rows) == 1
     assert len(list(out.glob("*.npz"))) == 1
+    assert str(broken_export) not in (out / "report.csv").read_text()  # folder names are not for the report
