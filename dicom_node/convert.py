@@ -272,11 +272,12 @@ def _convert_case(task: _Task) -> dict[str, Any]:
     structure_map: StructureMap = load_structure_map(Path(options.mapping))
     mapped = map_structures(raster.masks, structure_map, options.structures)
     warnings = [*case.warnings, *raster.warnings, *mapped.warnings]
+    voxels = {name: int(np.count_nonzero(mask)) for name, mask in mapped.masks.items()}
     result = {
         "modality": volume.modality, "shape": "x".join(str(n) for n in volume.shape),
         "spacing": "x".join(f"{s:.4g}" for s in volume.spacing[::-1]), "annotation": annotation.info.modality,
         "structure_set": annotation.info.label, "structures": _fmt(mapped.masks),
-        "voxels": _fmt(f"{n}={int(m.sum())}" for n, m in mapped.masks.items()),
+        "voxels": _fmt(f"{n}={v}" for n, v in voxels.items()),
         "missing": _fmt(mapped.missing), "unmapped": _fmt(mapped.unmapped), "ignored": _fmt(mapped.ignored),
     }
     if not mapped.masks:
@@ -313,8 +314,8 @@ def _convert_case(task: _Task) -> dict[str, Any]:
             "annotation_uid": pseudo.uid(annotation.info.sop_uid), "annotation_modality": annotation.info.modality,
             "structure_set_label": annotation.info.label, "paired_by": annotation.paired_by,
         },
-        "structures": [{"name": n, "source_name": mapped.source_names[n], "voxels": int(m.sum()),
-                        **({"label": labels[n]} if labels else {})} for n, m in mapped.masks.items()],
+        "structures": [{"name": n, "source_name": mapped.source_names[n], "voxels": voxels[n],
+                        **({"label": labels[n]} if labels else {})} for n in mapped.masks],
         "missing": mapped.missing, "unmapped": mapped.unmapped, "ignored": mapped.ignored,
         "not_selected": mapped.not_selected, "warnings": warnings, "pseudonymised": options.secret is not None,
     }

@@ -318,7 +318,8 @@ def npz_arrays(volume: Volume, masks: Mapping[str, np.ndarray], *, as_label_map:
             return arrays, warnings
         warnings.append(f"structures overlap ({overlap} voxels): written as one mask each, not a label map")
     for name, mask in masks.items():
-        arrays[f"mask_{name}"] = np.asarray(mask, dtype=np.uint8)
+        mask = np.asarray(mask)
+        arrays[f"mask_{name}"] = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)  # no copy
     return arrays, warnings
 
 
