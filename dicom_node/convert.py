@@ -237,7 +237,7 @@ def _convert(task: _Task) -> dict[str, Any]:
         logger.debug("case %s failed", task.case_id, exc_info=True)
         row["reason"] = f"{type(exc).__name__}: {exc}"
     if row["status"] == "failed":
-        row["reason"] = _scrub(row["reason"], [i.path for i in task.case.images]
+        row["reason"] = _scrub(" ".join(row["reason"].split()), [i.path for i in task.case.images]
                                + ([task.case.annotation.info.path] if task.case.annotation else []))
         meta, files = _outputs(task.options, task.case_id)
         for path in (meta, *files):  # no stale output from an earlier run may pass for this one
@@ -424,8 +424,7 @@ def convert_inputs(inputs: Sequence[Path], options: ConvertOptions, *, workers: 
         summary.files = len(infos) + len(unreadable) + summary.not_dicom
         for path, reason in unreadable.items():
             logger.warning("unreadable DICOM file %s: %s", path, reason)
-        plan = plan_cases(infos, options.selection if options.selection in ("latest", "all")
-                          else parse_selection(options.selection))
+        plan = plan_cases(infos, parse_selection(options.selection))
         summary.rows += _plan_rows(plan, pseudo, unreadable)
         tasks = []
         for case in plan.cases:

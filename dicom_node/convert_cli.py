@@ -72,6 +72,8 @@ def convert(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)-7s %(name)s: %(message)s")
+    if not verbose:  # pydicom logs decoder tracebacks; the report row already says why the case failed
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     options = ConvertOptions(
         out=out, format=fmt, selection=structure_set,
         structures=tuple(s.strip() for s in structures.split(",") if s.strip()) if structures else None,
