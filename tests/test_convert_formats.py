@@ -178,3 +178,20 @@ def test_duplicate_labels_keep_the_non_empty_one():
     full = np.ones((1, 2, 2), bool)
     mapped = map_structures({"Parotid L": np.zeros_like(full), "Lt Parotid": full}, load_structure_map())
     assert mapped.source_names == {"Parotid_L": "Lt Parotid"} and mapped.warnings
+
+
+def test_seg_export_converts_through_the_cli(export, tmp_path):
+    from pipeline.seg import build_seg
+
+    _, ct, masks = export
+    datasets = ct_series(ct, (2.5, 3.0, 3.0), patient_id="SEG001")
+    write_series(datasets, tmp_path / "in" / "ct")
+    structures = (Structure("SpinalCord", masks["SpinalCord"]), Structure("Parotid_L", masks["LeftParotid"]))
+    save(build_seg(datasets, StructureSet(structures)), tmp_path / "in" / "seg.dcm")
+    code, output = _run([str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    assert code == 0, output
+    [row] = _report(tmp_path / "out")
+    assert row["annotation"] == "SEG" and row["structures"] == "SpinalCord; Parotid_L"
+    with np.load(next((tmp_path / "out").glob("*.npz"))) as data:
+        assert dice(data["mask_SpinalCord"].astype(bool), masks["SpinalCord"]) == 1.0
+        assert dice(data["mask_Parotid_L"].astype(bool), masks["LeftParotid"]) == 1.0
