@@ -21,7 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, RTStructureSetStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, RTStructureSetStorage, generate_uid
 
 from models.types import StructureSet
 from pipeline.contours import mask_to_contours
@@ -57,6 +57,17 @@ def _raw_ds(tag: BaseTag, values: np.ndarray) -> RawDataElement:
     if len(text) % 2:
         text += b" "
     return RawDataElement(tag, "DS", len(text), text, 0, False, True)
+
+
+def _needs_long_values(roi_contours: list[Dataset]) -> bool:
+    """Explicit VR gives DS a 16-bit length: a contour of more than ~3,500 points (a ragged mask, a body outline
+    at fine resolution) only fits in Implicit VR Little Endian, which every DICOM peer must accept."""
+    for item in roi_contours:
+        for contour in item.get("ContourSequence", []):
+            raw = contour.get_item(_CONTOUR_DATA)  # the raw element: reading it via [] would parse every value
+            if raw.length > 0xFFFE:
+                return True
+    return False
 
 
 def _image_ref(source: Dataset) -> Dataset:
@@ -195,6 +206,6 @@ def build_rtstruct(
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if _needs_long_values(contours) else ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return ds

@@ -131,3 +131,30 @@ def test_bad_structure_sets_are_refused():
         build_rtstruct(datasets, StructureSet((Structure("A", np.zeros((8, 128, 128), bool)),) * 2))
     with pytest.raises(SeriesError, match="missing slice"):
         build_rtstruct(datasets[:3] + datasets[4:], StructureSet(()))
+
+
+def test_a_contour_too_long_for_explicit_vr_is_written_in_implicit_vr(tmp_path):
+    """A ragged mask (an untrained network, noisy thresholding) gives one keyhole contour of thousands of points:
+    its ContourData exceeds the 64 KB that Explicit VR allows DS. The object must still be valid and exact."""
+    case = load_openkbp("validation", 0)
+    datasets = ct_series(case.ct[60:63], case.spacing_zyx)
+    write_series(datasets, tmp_path / "ct")
+    rng = np.random.default_rng(0)
+    mask = np.zeros((3, 128, 128), bool)
+    mask[1, 10:118, 10:118] = rng.random((108, 108)) < 0.7  # many holes, all joined into one outline by keyholes
+    ragged = StructureSet((Structure("Ragged", mask, algorithm="test", algorithm_version="1"),), label="ragged")
+    ds = build_rtstruct(datasets, ragged)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    path = save(ds, tmp_path / "rtstruct.dcm")  # pytest turns pydicom's "changed to UN" warning into an error
+    assert dciodvfy_errors(path) == []
+    back = pydicom.dcmread(path)
+    data = back.ROIContourSequence[0].ContourSequence
+    assert max(len(c.ContourData) for c in data) * 9 > 0xFFFE  # the case the test is about
+    masks = plastimatch_masks(path, tmp_path / "ct", tmp_path / "pm")
+    assert dice(masks["Ragged"], mask) >= 0.98
+
+
+def test_ordinary_structure_sets_stay_explicit_vr(written):
+    _, _, path, _ = written
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == \
+        pydicom.uid.ExplicitVRLittleEndian
