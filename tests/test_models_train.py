@@ -65,3 +65,20 @@ def test_a_bad_training_config_names_the_key(tmp_path):
     result = CliRunner().invoke(app, ["train", "--config", str(path)])
     assert result.exit_code == 1
     assert "batch_size" in result.output
+
+
+def test_predicting_nothing_is_not_rewarded_for_structures_outside_the_patch():
+    """Two structures present in the case; only the first has voxels in the patch. A network that predicts nothing
+    must score Dice 0 on the first and nothing at all on the second (it once scored a smoothed Dice of 1 there,
+    and training collapsed to empty masks)."""
+    import torch
+
+    from models.train import masked_loss
+
+    target = torch.zeros(1, 2, 4, 16, 16)
+    target[0, 0, 1:3, 4:8, 4:8] = 1
+    nothing = torch.full_like(target, -20.0)
+    present = torch.tensor([[True, True]])
+    assert masked_loss(nothing, target, present, dice_weight=1.0) > 0.99
+    perfect = torch.where(target > 0, 20.0, -20.0)
+    assert masked_loss(perfect, target, present, dice_weight=1.0) < 0.01
