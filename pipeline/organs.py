@@ -6,8 +6,8 @@ In rules::
       - pipeline: organs
         params: {model: hn-oar, tta: true}
 
-The model name is checked when the rules load (an unknown or damaged package is a rules error, not a failed job
-hours later). Networks are built once per (package, device) and kept for the next series.
+The model name is checked when the rules load (an unknown package or an invalid manifest is a rules error, not a
+failed job hours later); the weights' SHA-256 is checked by every job. Networks are built once per (package, device) and kept for the next series.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from models.errors import ModelInputError, ModelPackageError
 from models.organs import cached_network, resolve_device, segment_volume
-from models.package import find_package
+from models.package import find_package, list_packages
 from models.types import StructureSet
 from pipeline.base import PipelineInput, PipelineParams
 from pipeline.errors import PipelineError, SeriesError
@@ -39,10 +39,14 @@ class OrgansParams(PipelineParams):
     @field_validator("model")
     @classmethod
     def _installed(cls, name: str) -> str:
-        try:
-            find_package(name)
-        except ModelPackageError as exc:
-            raise ValueError(str(exc)) from None
+        # names and manifests only: the weights' hash is checked by every job, so a file damaged later fails
+        # that job (retried, audited) instead of making its parameters look wrong
+        found = [p for p in list_packages() if p.name == name]
+        if not found:
+            known = sorted(p.name for p in list_packages() if p.error is None)
+            raise ValueError(f"no model package named {name!r}; installed: {known}")
+        if all(p.error for p in found):
+            raise ValueError(found[0].error)
         return name
 
 

@@ -120,3 +120,33 @@ def test_segment_volume_is_independent_of_slice_order(package):
     assert a and set(a) == set(b)
     for name in a:
         assert np.array_equal(a[name], b[name][::-1])
+
+
+def test_rules_naming_an_unknown_model_are_refused():
+    from pipeline.base import load_pipeline, validate_params
+    from pipeline.errors import PipelineParamsError
+
+    with pytest.raises(PipelineParamsError, match="model: .*no model package named 'nope'"):
+        validate_params(load_pipeline("organs"), {"model": "nope"})
+
+
+def test_a_package_damaged_while_the_node_runs_fails_its_job_clearly(make_node, package, openkbp_series, tmp_path,
+                                                                      monkeypatch):
+    from netutil import storescu, wait_until
+
+    monkeypatch.setenv("DICOM_NODE_MODEL_PATH", str(package.path.parent))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: [{name: toy organs, match: {Modality: CT},"
+                     " run: [{pipeline: organs, params: {model: toy}}], send: [tps]}]\n")
+    node = make_node(stable=0.5, rules=str(rules), workers={"max_attempts": 2, "retry_seconds": 0.2},
+                     destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": 1}})
+    weights = package.weights_path  # the rules loaded with a sound package; now the file is damaged on disk
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert storescu(node.port, openkbp_series[:6]).returncode == 0
+    wait_until(lambda: [j["state"] for j in node.store.job_rows()] == ["failed"], 60, what="failed job")
+    (job,) = node.store.job_rows()
+    assert "model package 'toy' is unusable" in job["error"] and "corrupted or replaced" in job["error"]
+    (audit,) = node.store.audit_records(event="job.failed")
+    assert "corrupted or replaced" in audit["detail"]
+    assert node.store.status()["outbox"] == []
+    assert storescu(node.port, openkbp_series[6:8]).returncode == 0  # the node keeps serving
