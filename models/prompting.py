@@ -1,0 +1,86 @@
+"""Promptable 2-D segmentation engines (segment-anything family): one small interface, chosen by name.
+
+An engine encodes square image crops once (the expensive step, batched) and then decodes any number of prompts
+against an encoding (cheap). Propagation (:mod:`models.propagate`) and the evaluation see only this interface, so
+they run unchanged on LiteMedSAM, a fine-tuned LiteMedSAM package or, later, a SAM2 checkpoint.
+
+Coordinates are pixels of the engine's square input (``input_size`` x ``input_size``), x then y, as SAM takes them.
+Images are float32 in [0, 1] (already windowed); masks come back as logits on the same square grid.
+
+Engines are looked up in :data:`ENGINES` by name (``litemedsam``); :func:`load_engine` caches one instance per
+(name, checkpoint) so a worker loads weights once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from models.errors import EngineError
+
+__all__ = ["Prompt", "PromptEngine", "ENGINES", "available_engines", "load_engine", "engine_factory"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What one decode is told: a box, and optionally clicks and a mask (logits) from a neighbouring slice."""
+
+    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 in input pixels
+    points: np.ndarray | None = None  # (K, 2) x, y in input pixels
+    labels: np.ndarray | None = None  # (K,) 1 = inside, 0 = outside
+    mask_logits: np.ndarray | None = None  # (input_size, input_size) logits, e.g. the neighbour's result
+
+    def __post_init__(self) -> None:
+        if self.box is None and self.points is None:
+            raise ValueError("a prompt needs a box or points")
+        if self.points is not None:
+            if self.labels is None or len(self.labels) != len(self.points):
+                raise ValueError(f"points and labels must have the same length, got {len(self.points)} points "
+                                 f"and {None if self.labels is None else len(self.labels)} labels")
+
+
+@runtime_checkable
+class PromptEngine(Protocol):
+    """A box/point/mask-promptable 2-D segmenter."""
+
+    name: str
+    version: str
+    input_size: int
+
+    def encode(self, images: np.ndarray) -> list[Any]:
+        """Encode (N, S, S) float32 images in [0, 1] (S = input_size); one opaque embedding per image."""
+        ...
+
+    def decode(self, embeddings: Sequence[Any], prompts: Sequence[Prompt]) -> np.ndarray:
+        """Logits (M, S, S): prompt m decoded against ``embeddings[m]`` (one embedding may serve many prompts)."""
+        ...
+
+
+def _litemedsam(checkpoint: str | None) -> PromptEngine:
+    from models.litemedsam import LiteMedSamEngine
+
+    return LiteMedSamEngine.load(checkpoint)
+
+
+ENGINES: dict[str, Callable[[str | None], PromptEngine]] = {"litemedsam": _litemedsam}
+
+
+def available_engines() -> list[str]:
+    return sorted(ENGINES)
+
+
+def engine_factory(name: str) -> Callable[[str | None], PromptEngine]:
+    """The loader of engine ``name``; :class:`EngineError` lists the known names otherwise."""
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {name!r}; known engines: {', '.join(available_engines())}")
+    return ENGINES[name]
+
+
+@lru_cache(maxsize=4)
+def load_engine(name: str, checkpoint: str | None = None) -> PromptEngine:
+    """Engine ``name`` with its default weights, or with ``checkpoint`` (a model package name or folder)."""
+    return engine_factory(name)(checkpoint)

@@ -1,0 +1,181 @@
+"""Propagation: crop geometry, prompts, stop criteria and front planning (pure), then the real LiteMedSAM engine
+on real OpenKBP slices: seeds on several slices constrain each other, the extent bound holds, clicks seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from factories import load_openkbp
+from models.errors import EngineError, ModelInputError
+from models.propagate import (
+    CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
+    keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, stop_reason,
+)
+from pipeline_checks import dice
+
+SETTINGS = PropagationSettings()
+
+
+# --- crop geometry -----------------------------------------------------------------------------------------
+
+
+def test_box_of_is_inclusive_and_none_when_empty():
+    mask = np.zeros((10, 12), bool)
+    assert box_of(mask) is None
+    mask[2:5, 3:9] = True
+    assert box_of(mask) == (3, 2, 8, 4)
+
+
+def test_crop_is_twice_the_box_and_centred():
+    window = crop_window((40, 50, 59, 59), factor=2.0, min_side=24)  # 20 x 10 box
+    assert window.side == 40
+    assert (window.x0 + window.side / 2, window.y0 + window.side / 2) == (50.0, 55.0)
+
+
+def test_small_boxes_get_the_minimum_crop():
+    window = crop_window((60, 60, 63, 62), factor=2.0, min_side=24)
+    assert window.side == 24
+    assert window.x0 <= 60 and window.x0 + 24 > 63 and window.y0 <= 60 and window.y0 + 24 > 62
+
+
+def test_box_maps_onto_the_input_edges():
+    window = CropWindow(y0=10, x0=20, side=32)
+    # a native box filling the whole window covers input pixels 0 .. 255
+    assert box_to_input((20, 10, 51, 41), window, 256) == (0.0, 0.0, 255.0, 255.0)
+    assert np.allclose(points_to_input(np.array([[10, 20]]), window, 256), [[3.5, 3.5]])  # pixel (0,0)'s centre
+
+
+def test_crop_pads_outside_the_image_and_logits_come_back_in_place():
+    image = np.arange(100, dtype=np.float32).reshape(10, 10)
+    window = CropWindow(y0=-2, x0=6, side=8)
+    crop = crop_image(image, window, 8, fill=-1)  # same size: no resampling
+    assert (crop[:2] == -1).all() and (crop[:, 4:] == -1).all()
+    assert crop[2, 0] == image[0, 6]
+    back = logits_to_native(crop, window, image.shape)
+    assert np.array_equal(back[0:6, 6:10], image[0:6, 6:10])
+    assert (back[6:] == -20).all() and (back[:, :6] == -20).all()
+
+
+def test_round_trip_through_a_zoomed_crop_keeps_a_mask():
+    mask = np.zeros((128, 128), bool)
+    mask[60:66, 70:75] = True
+    window = crop_window(box_of(mask), 2.0, 24)
+    logits = crop_image(np.where(mask, 10.0, -10.0).astype(np.float32), window, 256, fill=-10)
+    assert dice(logits_to_native(logits, window, mask.shape) > 0, mask) == 1.0
+
+
+# --- prompts and stopping ---------------------------------------------------------------------------------
+
+
+def test_one_click_for_a_compact_shape_several_for_a_horseshoe():
+    disc = np.zeros((40, 40), bool)
+    yy, xx = np.mgrid[:40, :40]
+    disc[(yy - 20) ** 2 + (xx - 20) ** 2 <= 64] = True
+    assert interior_points(disc).tolist() == [[20, 20]]
+    horseshoe = disc.copy()
+    horseshoe[((yy - 20) ** 2 + (xx - 20) ** 2 <= 400) & ((yy - 20) ** 2 + (xx - 20) ** 2 >= 225) & (yy >= 20)] = True
+    horseshoe &= ~disc
+    points = interior_points(horseshoe, max_points=3)
+    assert len(points) == 3 and horseshoe[tuple(points.T)].all()
+    assert np.ptp(points[:, 1]) > 20  # the clicks reach both arms
+
+
+def test_stop_criteria():
+    prev = np.zeros((20, 20), bool)
+    prev[5:10, 5:10] = True  # 25 pixels
+    assert stop_reason(prev, prev, 25, SETTINGS) is None
+    assert stop_reason(np.zeros_like(prev), prev, 25, SETTINGS) == "vanished"
+    small = np.zeros_like(prev)
+    small[5:7, 5:6] = True
+    assert stop_reason(small, prev, 100, SETTINGS) == "collapsed"  # 2 px < 0.1 x 100
+    leak = prev.copy()
+    leak[5:15, 5:15] = True
+    assert stop_reason(leak, prev, 25, SETTINGS).startswith("jumped: area grew 4.0x")
+    moved = np.zeros_like(prev)
+    moved[12:17, 12:17] = True
+    assert stop_reason(moved, prev, 25, SETTINGS) == "jumped: left the previous slice's mask"
+
+
+def test_stray_blobs_are_dropped():
+    prev = np.zeros((20, 20), bool)
+    prev[5:10, 5:10] = True
+    new = prev.copy()
+    new[15:18, 15:18] = True
+    assert np.array_equal(keep_connected(new, prev), prev)
+
+
+def test_fronts_between_seeds_meet_in_the_middle_and_respect_the_extent():
+    m = np.ones((4, 4), bool)
+    assert plan_fronts("x", Seed({10: m}), 30) == [(10, -1, 0), (10, +1, 29)]
+    # seeds at 10 and 17: slices 11..13 from 10, 14..16 from 17
+    assert sorted(plan_fronts("x", Seed({10: m, 17: m}), 30)) == [(10, -1, 0), (10, 1, 13), (17, -1, 14),
+                                                                 (17, 1, 29)]
+    assert plan_fronts("x", Seed({10: m, 11: m}, extent=(8, 11)), 30) == [(10, -1, 8)]
+    assert plan_fronts("x", Seed({5: np.zeros((4, 4), bool)}), 30) == []
+
+
+def test_settings_refuse_nonsense():
+    with pytest.raises(ValueError, match="max_growth must be > 1, got 0.5"):
+        PropagationSettings(max_growth=0.5)
+
+
+# --- the real engine on real CT ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from models.prompting import load_engine
+
+    return load_engine("litemedsam")
+
+
+@pytest.fixture(scope="module")
+def case():
+    return load_openkbp("validation", 0)
+
+
+def test_unknown_engine_is_named():
+    from models.prompting import load_engine
+
+    with pytest.raises(EngineError, match="unknown engine 'sam9'; known engines: litemedsam"):
+        load_engine("sam9")
+
+
+def test_engine_decodes_a_box_on_a_real_slice(engine, case):
+    truth = case.masks["Mandible"].astype(bool)
+    z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+    from models.propagate import segment_slices
+
+    found = segment_slices(engine, case.ct.astype(np.float32), np.where(np.arange(truth.shape[0])[:, None, None] == z,
+                                                                        truth, False))
+    assert found[z].any() and not np.delete(found, z, axis=0).any()
+    assert dice(found[z], truth[z]) > 0.5  # the widest mandible slice, prompted with its own box
+
+
+def test_seeds_bound_the_slab_and_seed_slices_are_kept(engine, case):
+    truth = case.masks["SpinalCord"].astype(bool)
+    zs = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
+    a, b = int(zs[len(zs) // 2]), int(zs[len(zs) // 2]) + 4
+    result = propagate(engine, case.ct.astype(np.float32),
+                       {"cord": Seed({a: truth[a], b: truth[b]}, extent=(a - 1, b + 1))})["cord"]
+    z_found = np.flatnonzero(result.mask.reshape(result.mask.shape[0], -1).any(axis=1))
+    assert z_found.min() >= a - 1 and z_found.max() <= b + 1  # the extent bound holds
+    assert np.array_equal(result.mask[a], truth[a]) and np.array_equal(result.mask[b], truth[b])
+    assert all(result.mask[z].any() for z in range(a + 1, b))  # the gap is filled from both seeds
+    assert dice(result.mask[a - 1:b + 2], truth[a - 1:b + 2]) > 0.5
+    assert len(result.stops) == 4 and all("slice" in s for s in result.stops)
+
+
+def test_a_click_seeds_a_structure(engine, case):
+    truth = case.masks["Mandible"].astype(bool)
+    z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+    click = interior_points(truth[z], max_points=1)
+    result = propagate(engine, case.ct.astype(np.float32), {"m": Seed({}, points={z: click}, extent=(z, z))})["m"]
+    assert result.mask[z][tuple(click.T)].all()
+    assert result.mask[z].sum() > 10
+
+
+def test_seed_on_a_wrong_slice_shape_is_refused(engine, case):
+    with pytest.raises(ModelInputError, match="mask shape"):
+        propagate(engine, case.ct.astype(np.float32), {"x": Seed({3: np.ones((5, 5), bool)})})
