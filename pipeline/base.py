@@ -52,11 +52,13 @@ class PipelineParams(BaseModel):
 
 @dataclass(frozen=True)
 class PipelineInput:
-    """What a pipeline receives: the volume, its source instances in slice order, validated parameters."""
+    """What a pipeline receives: the volume, its source instances in slice order, validated parameters, and the
+    RT Structure Sets that reference the series (seed contours; empty for pipelines that need none)."""
 
     volume: Volume
     datasets: tuple[Dataset, ...]  # datasets[k] is slice k of volume.array
     params: PipelineParams = field(default_factory=PipelineParams)
+    structure_sets: tuple[Dataset, ...] = ()
 
 
 @runtime_checkable
@@ -133,10 +135,11 @@ def _check_output(pipeline: Pipeline, result: StructureSet, volume: Volume) -> S
     return result
 
 
-def run_pipeline(pipeline: Pipeline, datasets: Sequence[Dataset],
-                 params: Mapping[str, Any] | None = None) -> StructureSet:
+def run_pipeline(pipeline: Pipeline, datasets: Sequence[Dataset], params: Mapping[str, Any] | None = None,
+                 structure_sets: Sequence[Dataset] = ()) -> StructureSet:
     """Load ``datasets`` as a volume, validate ``params`` and run ``pipeline``; check what it returns."""
     validated = validate_params(pipeline, params)
-    data = PipelineInput(volume=load_volume(datasets), datasets=tuple(sort_slices(datasets)), params=validated)
+    data = PipelineInput(volume=load_volume(datasets), datasets=tuple(sort_slices(datasets)), params=validated,
+                         structure_sets=tuple(structure_sets))
     logger.info("running pipeline %s %s on a %s volume", pipeline.name, pipeline.version, data.volume.shape)
     return _check_output(pipeline, pipeline.run(data), data.volume)

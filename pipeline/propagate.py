@@ -1,0 +1,79 @@
+"""The ``propagate`` pipeline: a planner's seed contours (one or a few slices per ROI, or clicks) completed
+through the whole series by a promptable engine (LiteMedSAM by default), slice by slice.
+
+Seeds come from the RT Structure Set(s) that reference the series (``PipelineInput.structure_sets``; the node's
+worker loads them). Each seeded ROI comes back under its own name and RT ROI Interpreted Type, its seed slices
+exactly as drawn. A series without a seed is rejected (not retried): the message says what was missing.
+
+    run: [{pipeline: propagate, params: {engine: litemedsam, source: seed, structures: [GTV]}}]
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from models.prompting import available_engines, load_engine
+from models.propagate import PropagationSettings, Seed, propagate
+from models.types import Structure, StructureSet
+from pipeline.base import PipelineInput, PipelineParams
+from pipeline.seeds import SeedError, seed_rois
+
+__all__ = ["PropagateParams", "PropagatePipeline"]
+
+log = logging.getLogger(__name__)
+
+
+class PropagateParams(PipelineParams):
+    engine: str = Field("litemedsam", description="Promptable engine by name (see models.prompting.ENGINES).")
+    source: Literal["seed"] = Field(
+        "seed", description="Where prompts come from: 'seed' = an RTSTRUCT referencing the series. ('prior', "
+        "registration of an earlier study, is not implemented yet and is refused.)")
+    structures: list[str] | None = Field(
+        None, min_length=1, description="ROI names to propagate (case-insensitive); default: every seeded ROI.")
+    checkpoint: str | None = Field(
+        None, description="A fine-tuned model package (name or folder) replacing the engine's default weights.")
+    min_area_fraction: float = Field(0.1, ge=0, lt=1, description="Stop a direction when the mask's area falls "
+                                     "below this fraction of its seed's.")
+    max_growth: float = Field(2.0, gt=1, description="Stop a direction when the area grows more than this "
+                              "factor from one slice to the next (leak into a neighbour).")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in available_engines():
+            raise ValueError(f"unknown engine {value!r}; known engines: {', '.join(available_engines())}")
+        return value
+
+
+class PropagatePipeline:
+    """Seed contours -> full 3-D contours, by slice-by-slice prompted segmentation."""
+
+    name: ClassVar[str] = "propagate"
+    version: ClassVar[str] = "0.1"
+    Params: ClassVar[type[PipelineParams]] = PropagateParams
+
+    def run(self, data: PipelineInput) -> StructureSet:
+        p = data.params if isinstance(data.params, PropagateParams) else \
+            PropagateParams.model_validate(data.params.model_dump())
+        if not data.structure_sets:
+            raise SeedError("no RT Structure Set references this series: the propagate pipeline needs seed "
+                            "contours (send the RTSTRUCT with the images, or within node.structure_set_wait_seconds)")
+        rois, warnings = seed_rois(data.structure_sets, data.volume, p.structures)
+        for warning in warnings:
+            log.warning("seed: %s", warning)
+        if not rois:
+            raise SeedError(f"the {len(data.structure_sets)} structure set(s) of this series hold no contoured ROI")
+        engine = load_engine(p.engine, p.checkpoint)
+        settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth)
+        seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
+        results = propagate(engine, data.volume.array.astype("float32"), seeds, settings)
+        structures = tuple(
+            Structure(name=r.name, mask=results[r.name].mask, color=r.color, roi_type=r.roi_type,
+                      algorithm=engine.name, algorithm_version=engine.version) for r in rois)
+        notes = {r.name: "; ".join(results[r.name].stops) for r in rois}
+        return StructureSet(structures=structures, label="PROPAGATED",
+                            description=f"dicom-node propagate {self.version}: {engine.name} {engine.version} "
+                                        f"from seeds on {sum(len(r.masks) for r in rois)} slice(s)", notes=notes)
