@@ -6,7 +6,9 @@ Accepted layouts (first match wins), all arrays (Z, Y, X):
 - structures: ``<mask_prefix><name>`` binary masks, where name is the TG-263 name or any of its ``source_names``;
   or an integer label map under ``label_map_key`` with a name table under ``label_names_key`` (entry ``v`` names
   the voxels equal to ``v``);
-- spacing under ``spacing_key`` in ``spacing_order`` (OpenKBP: (sz, sy, sx)).
+- spacing under ``spacing_key`` in ``spacing_order`` (OpenKBP: (sz, sy, sx));
+- optionally ``direction`` (row-major 3x3, columns = array x, y, z axes in patient LPS, as ``dicom-node convert``
+  writes it): the case is then transposed/flipped to the models' orientation (axial, LPS), as inference does.
 
 A structure absent from a case is *unknown* for that case (``present`` is False), not empty: losses and metrics skip
 it, because clinics contour only the organs a plan needs.
@@ -91,6 +93,7 @@ def read_npz(path: Path, labels: Sequence[LabelSource], keys: KeyMap = KeyMap())
         image = np.asarray(data[image_key])
         spacing = np.asarray(data[keys.spacing_key], dtype=float).reshape(3)
         spacing_xyz = tuple(float(s) for s in (spacing[::-1] if keys.spacing_order == "zyx" else spacing))
+        direction = np.asarray(data["direction"], float).reshape(3, 3) if "direction" in data.files else None
         table = None
         if keys.label_map_key in data.files and keys.label_names_key in data.files:
             table = [str(n) for n in data[keys.label_names_key]]
@@ -105,4 +108,24 @@ def read_npz(path: Path, labels: Sequence[LabelSource], keys: KeyMap = KeyMap())
             masks[c], present[c] = m, bool(m.any())
     if image.ndim != 3:
         raise TrainingError(f"{path}: image must be 3-D (Z, Y, X), got shape {image.shape}")
+    if direction is not None:  # `dicom-node convert` keeps the series' own orientation: bring it to the models'
+        image, masks, spacing_xyz = _canonical(path, image, masks, spacing_xyz, direction)
     return NpzCase(path.stem, image, spacing_xyz, masks, present)  # type: ignore[arg-type]
+
+
+def _canonical(path: Path, image: np.ndarray, masks: np.ndarray, spacing_xyz: tuple[float, float, float],
+               direction: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    from models.errors import ModelInputError
+    from models.organs import canonical_axes
+
+    try:
+        transpose, flips = canonical_axes(tuple(direction.ravel()))
+    except ModelInputError as exc:
+        raise TrainingError(f"{path}: {exc}") from exc
+    if transpose == (0, 1, 2) and not any(flips):
+        return image, masks, spacing_xyz
+    axes = [a for a in range(3) if flips[a]]
+    image = np.ascontiguousarray(np.flip(np.transpose(image, transpose), axes))
+    masks = np.ascontiguousarray(np.flip(np.transpose(masks, (0, *[t + 1 for t in transpose])), [a + 1 for a in axes]))
+    zyx = np.asarray(spacing_xyz, float)[::-1][list(transpose)]
+    return image, masks, (float(zyx[2]), float(zyx[1]), float(zyx[0]))

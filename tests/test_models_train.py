@@ -82,3 +82,20 @@ def test_predicting_nothing_is_not_rewarded_for_structures_outside_the_patch():
     assert masked_loss(nothing, target, present, dice_weight=1.0) > 0.99
     perfect = torch.where(target > 0, 20.0, -20.0)
     assert masked_loss(perfect, target, present, dice_weight=1.0) < 0.01
+
+
+def test_npz_with_a_direction_is_read_in_the_models_orientation(tmp_path):
+    """`dicom-node convert` keeps a feet-first series as stored (slice 0 = most superior); training sees it
+    head-first, like inference does, with masks and spacing following."""
+    from models.data import LabelSource, read_npz
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(-1000, 1000, (5, 4, 3)).astype(np.int16)
+    mask = np.zeros((5, 4, 3), np.uint8)
+    mask[0, 1, 2] = 1
+    np.savez(tmp_path / "ff.npz", image=image, mask_Brainstem=mask, spacing=np.array([3.0, 1.0, 2.0]),
+             direction=np.diag([1.0, 1.0, -1.0]))
+    case = read_npz(tmp_path / "ff.npz", [LabelSource("Brainstem")])
+    assert np.array_equal(case.image, image[::-1])
+    assert case.masks[0, 4, 1, 2] == 1 and case.masks.sum() == 1
+    assert case.spacing_xyz == (2.0, 1.0, 3.0)
