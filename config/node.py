@@ -60,6 +60,11 @@ class NodeSettings(_Strict):
     series_stable_seconds: float = Field(
         10, gt=0, le=86400, description="A series is complete after this many seconds without a new instance."
     )
+    structure_set_wait_seconds: float = Field(
+        0, ge=0, le=86400, description="When a rule tests has_structure_set, a quiet image series without an "
+        "RTSTRUCT referencing it waits up to this many more seconds for one (a planner's seed sent after the "
+        "images); 0 = no wait."
+    )
     max_pdu_size: int = Field(
         0, ge=0, description="Largest PDU we accept (bytes); 0 = unlimited, which is fastest on a LAN."
     )

@@ -28,7 +28,9 @@ SERIES_FACTS = {
     "calling_ae": "the calling AE title that sent the series",
     "called_ae": "the AE title the sender called (this node's)",
     "instances": "the number of instances in the series",
-    "has_structure_set": "whether the node holds an RTSTRUCT for the same patient",
+    "has_structure_set": "whether the node holds an RTSTRUCT that references this series (by Series Instance "
+                         "UID, or by Frame of Reference when it names no series)",
+    "patient_has_structure_set": "whether the node holds any RTSTRUCT of the same patient",
 }
 
 Scalar = str | int | float | bool

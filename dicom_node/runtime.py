@@ -20,20 +20,22 @@ from pydicom import dcmread
 
 from config.node import ConfigError, Destination, NodeConfig
 from config.rules import REPLY, RulesConfig, load_rules
-from pipeline.routing import SeriesFacts, attributes_of, check_rules, route
+from pipeline.routing import SeriesFacts, attributes_of, check_rules, route, tests_structure_set
 from dicom_node.audit import Event
 from dicom_node.receiver import Receiver
 from dicom_node.recovery import recover_unindexed
 from dicom_node.sender import send_files
 from dicom_node.spool import Spool
 from dicom_node.store import OutboxRow, Store
-from dicom_node.worker import Worker
+from dicom_node.worker import Worker, structure_sets_for
 
 __all__ = ["Node", "load_checked_rules"]
 
 log = logging.getLogger(__name__)
 
 SEND_LEASE_SECONDS = 600
+# Series that are themselves annotations or plans: never wait for a structure set to reference them.
+NOT_SEEDED = {"RTSTRUCT", "SEG", "RTPLAN", "RTDOSE", "REG", "SR"}
 
 
 def load_checked_rules(path: Path, config: NodeConfig) -> RulesConfig:
@@ -161,7 +163,9 @@ class Node:
         facts = SeriesFacts(
             attributes=attributes_of(first, keys), calling_ae=info.get("calling_ae") or "",
             called_ae=info.get("called_ae") or "", instances=len(members),
-            has_structure_set=self.store.has_structure_set(info.get("patient_id") or ""),
+            has_structure_set=self._referenced_by_structure_set(series_uid, info, first)
+            if "has_structure_set" in keys else False,
+            patient_has_structure_set=self.store.has_structure_set(info.get("patient_id") or ""),
         )
         matched = route(facts, self.rules)
         if not matched:
@@ -199,6 +203,23 @@ class Node:
                 targets.append(self._target(reply))
         return targets, problems
 
+    def _referenced_by_structure_set(self, series_uid: str, info: dict[str, Any], first: Any) -> bool:
+        return bool(structure_sets_for(self.store, self.spool, info.get("patient_id") or "", series_uid,
+                                       str(first.get("FrameOfReferenceUID", "")), full=False))
+
+    def awaiting_structure_set(self, series_uid: str, cutoff: float) -> bool:
+        """Whether a quiet image series should wait longer for an RTSTRUCT that references it: a rule tests
+        has_structure_set, none is held yet, and ``structure_set_wait_seconds`` has not run out."""
+        wait = self.config.node.structure_set_wait_seconds
+        if wait <= 0 or self.rules is None or not tests_structure_set(self.rules):
+            return False
+        info = self.store.series_info(series_uid) or {}
+        if info.get("modality") in NOT_SEEDED or info.get("last_received_at", 0) < cutoff - wait:
+            return False
+        members = self.store.series_instances(series_uid)
+        first = dcmread(self.spool.absolute(members[0]["path"]), stop_before_pixels=True)
+        return not self._referenced_by_structure_set(series_uid, info, first)
+
     def sweep_series(self) -> int:
         """Complete every series that has been quiet for ``series_stable_seconds``; returns how many."""
         with self._sweep_lock:
@@ -206,6 +227,8 @@ class Node:
             done = 0
             for series_uid in self.store.quiet_series(cutoff):
                 try:
+                    if self.awaiting_structure_set(series_uid, cutoff):
+                        continue
                     forward, new_jobs, routing = self.plan(series_uid)
                     completed = self.store.complete_series(
                         series_uid, cutoff, [self._target(n) for n in forward], new_jobs=new_jobs,

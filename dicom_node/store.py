@@ -410,6 +410,15 @@ class Store:
             return conn.execute(select(series.c.series_uid).where(
                 series.c.patient_id == patient_id, series.c.modality == "RTSTRUCT").limit(1)).first() is not None
 
+    def structure_set_paths(self, patient_id: str) -> list[str]:
+        """Storage paths of every RTSTRUCT instance held for the patient, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(instances.c.path).join(series, series.c.series_uid == instances.c.series_uid)
+                .where(series.c.patient_id == patient_id, series.c.modality == "RTSTRUCT")
+                .order_by(instances.c.received_at))
+            return [r.path for r in rows]
+
     def complete_series(
         self, series_uid: str, older_than: float, destinations: Sequence[tuple[str, str, str, int]],
         now: float | None = None, *, new_jobs: Sequence[dict[str, Any]] = (), routing: dict[str, Any] | None = None,

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian
@@ -29,9 +30,10 @@ from models.threads import set_thread_count
 from pipeline.base import load_pipeline, run_pipeline
 from pipeline.errors import PipelineParamsError, SeriesError, StructureError, UnknownPipelineError
 from pipeline.rtstruct import build_rtstruct
+from pipeline.seeds import references_series
 from pipeline.seg import build_seg
 
-__all__ = ["Worker", "encode"]
+__all__ = ["Worker", "encode", "structure_sets_for"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,25 @@ def encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+_REFERENCE_TAGS = ["Modality", "FrameOfReferenceUID", "ReferencedFrameOfReferenceSequence"]
+
+
+def structure_sets_for(store: Store, spool: Spool, patient_id: str, series_uid: str, frame_of_reference_uid: str,
+                       *, full: bool = True) -> list[Dataset]:
+    """The stored RT Structure Sets that reference a series (oldest first); ``full=False`` reads only the
+    reference headers, enough to know whether there is one."""
+    found = []
+    for relative in store.structure_set_paths(patient_id):
+        path = spool.absolute(relative)
+        try:
+            header = dcmread(path, specific_tags=_REFERENCE_TAGS)
+            if references_series(header, series_uid, frame_of_reference_uid):
+                found.append(dcmread(path) if full else header)
+        except (OSError, InvalidDicomError) as exc:  # a damaged file must not block the series it may seed
+            log.warning("cannot read stored structure set %s: %s", relative, exc)
+    return found
 
 
 class Worker:
@@ -90,7 +111,10 @@ class Worker:
         try:
             datasets = self._load_series(job.series_uid)
             pipeline = load_pipeline(job.pipeline)
-            structure_set = run_pipeline(pipeline, datasets, job.params)
+            first = datasets[0]
+            seeds = structure_sets_for(self.store, self.spool, str(first.get("PatientID", "")), job.series_uid,
+                                       str(first.get("FrameOfReferenceUID", "")))
+            structure_set = run_pipeline(pipeline, datasets, job.params, structure_sets=seeds)
             outputs = [self._write(built) for built in self._build(job, datasets, structure_set)]
         except NOT_RETRIED as exc:
             log.warning("job %d rejected: %s", job.id, exc)

@@ -11,12 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from config.rules import Condition, Rule, RulesConfig
+from config.rules import SERIES_FACTS, Condition, Rule, RulesConfig
 from pipeline.base import load_pipeline, validate_params
 from pipeline.errors import PipelineError
 
 __all__ = ["SeriesFacts", "RuleVerdict", "attributes_of", "check_rules", "condition_failure", "explain", "mismatches",
-           "route"]
+           "route", "tests_structure_set"]
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,11 @@ class SeriesFacts:
     calling_ae: str = ""
     called_ae: str = ""
     instances: int = 0
-    has_structure_set: bool = False
+    has_structure_set: bool = False  # an RTSTRUCT held by the node references this series
+    patient_has_structure_set: bool = False  # any RTSTRUCT of this patient
 
     def value(self, key: str) -> Any:
-        if key in ("calling_ae", "called_ae", "instances", "has_structure_set"):
+        if key in ("calling_ae", "called_ae", "instances", "has_structure_set", "patient_has_structure_set"):
             return getattr(self, key)
         return self.attributes.get(key)
 
@@ -121,6 +122,12 @@ def route(facts: SeriesFacts, rules: RulesConfig) -> list[Rule]:
     return [v.rule for v in explain(facts, rules) if v.applied]
 
 
+def tests_structure_set(rules: RulesConfig) -> bool:
+    """Whether any rule's match depends on a structure set referencing the series (then it may be worth waiting
+    for one: ``node.structure_set_wait_seconds``)."""
+    return any("has_structure_set" in rule.match for rule in rules.rules)
+
+
 def check_rules(rules: RulesConfig) -> list[str]:
     """Problems with the pipelines the rules name (unknown pipeline, refused parameters), with key paths."""
     problems = []
@@ -138,6 +145,8 @@ def attributes_of(dataset: Any, keys: Sequence[str]) -> dict[str, Any]:
     """The values of ``keys`` in a pydicom dataset (absent keys are left out)."""
     out = {}
     for key in keys:
+        if key in SERIES_FACTS:  # facts about the transfer, not DICOM keywords
+            continue
         if key in dataset:
             value = dataset.get(key)
             out[key] = list(value) if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)) else value

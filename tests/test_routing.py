@@ -144,5 +144,22 @@ def test_example_rules_are_valid():
 
     cfg = load_node_config(REPO / "config" / "node.example.yaml")
     rules = load_checked_rules(cfg.rules, cfg)
-    assert [r.name for r in rules.rules] == ["head-and-neck external", "thorax lungs"]
+    assert [r.name for r in rules.rules] == ["head-and-neck external", "thorax lungs", "seeded tumour"]
     assert isinstance(cfg, NodeConfig)
+
+
+def test_series_facts_are_not_looked_up_as_dicom_keywords():
+    """A rule matching calling_ae once made the node ask pydicom for a keyword 'calling_ae' (a warning, which
+    stopped routing); facts are supplied by the node, never read from the dataset."""
+    import warnings
+
+    from pydicom import Dataset
+
+    from pipeline.routing import attributes_of
+
+    ds = Dataset()
+    ds.Modality = "CT"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attributes_of(ds, ["Modality", "calling_ae", "called_ae", "instances", "has_structure_set"]) == {
+            "Modality": "CT"}
