@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from config.node import ConfigError
-from config.structures import StructureTable, load_structure_table, normalize_label
+from config.structures import StructureTable, load_structure_table, normalize_label, read_yaml
 
 __all__ = ["DEFAULT_MAP", "Pattern", "StructureMapFile", "StructureMap", "Resolution", "load_structure_map",
            "parse_structure_map", "TG263_NAME"]
@@ -157,10 +156,4 @@ def parse_structure_map(data: object, source: str = "<structure map>",
 @cache
 def load_structure_map(path: Path = DEFAULT_MAP) -> StructureMap:
     """Read and validate a mapping file (the packaged ``structure_map.yaml`` by default)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(str(path), [f"(file): cannot read: {exc.strerror}"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"(yaml): {exc}"]) from None
-    return parse_structure_map(data, str(path))
+    return parse_structure_map(read_yaml(path), str(path))

@@ -111,10 +111,14 @@ def parse_structure_table(data: object, source: str = "<tg263>") -> StructureTab
 @cache
 def load_structure_table(path: Path = DEFAULT_TABLE) -> StructureTable:
     """Read and validate a structure table (the packaged ``tg263.yaml`` by default)."""
+    return parse_structure_table(read_yaml(path), str(path))
+
+
+def read_yaml(path: Path) -> object:
+    """A YAML file's content; unreadable files and YAML errors become a :class:`ConfigError` naming the file."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(str(path), [f"(file): cannot read: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"(yaml): {exc}"]) from None
-    return parse_structure_table(data, str(path))
