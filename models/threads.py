@@ -1,10 +1,17 @@
-"""CPU thread budget for model inference, set by the node's workers (torch is imported only when asked)."""
+"""CPU thread budget for model inference and registration, set by the node's workers (torch and SimpleITK are
+imported only when asked)."""
 
 from __future__ import annotations
 
 
 def set_thread_count(threads: int) -> None:
-    """Limit torch's intra-op threads; harmless when torch is not installed or already limited."""
+    """Limit torch's intra-op threads and SimpleITK's filter threads; harmless when either is not installed."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        pass
+    else:
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(threads)
     try:
         import torch
     except ImportError:
