@@ -53,7 +53,7 @@ class LabelConfig(_Strict):
     color: tuple[int, int, int] = Field((255, 0, 0), description="Display colour (R, G, B).")
     roi_type: Literal["ORGAN", "EXTERNAL", "PTV", "CTV", "GTV", "AVOIDANCE", "CONTROL"] = Field(
         "ORGAN", description="RT ROI Interpreted Type written for this structure.")
-    largest_component: bool = Field(True, description="Post-processing: keep only the largest connected component.")
+    largest_component: bool = Field(True, description="Post-processing: keep the main connected component(s).")
     fill_holes: bool = Field(True, description="Post-processing: fill enclosed holes.")
     mirror: str | None = Field(None, description="Left/right counterpart, swapped on mirror augmentation and TTA.")
 

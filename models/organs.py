@@ -27,6 +27,7 @@ __all__ = [
     "canonical_axes",
     "network_logits",
     "normalise",
+    "main_components",
     "postprocess",
     "predict_probabilities",
     "resample",
@@ -160,16 +161,32 @@ def predict_probabilities(
     return prob[0].cpu().numpy()
 
 
+# A structure split by a one-voxel gap is still one organ: thin organs (brainstem, cord) at ~4 mm come out of the
+# network in fragments, and keeping the single largest fragment cost 0.15 Dice on the brainstem (hn-oar 1.0.0,
+# 12 validation cases). Fragments closer than this many voxels are grouped, and every group holding at least
+# KEEP_FRACTION of the largest group's voxels is kept; far, small specks are still removed.
+GROUP_GAP_VOXELS = 1
+KEEP_FRACTION = 0.2
+
+
+def main_components(mask: np.ndarray, gap: int = GROUP_GAP_VOXELS, keep_fraction: float = KEEP_FRACTION) -> np.ndarray:
+    """``mask`` without its small, distant fragments (see GROUP_GAP_VOXELS)."""
+    grouped = ndimage.binary_dilation(mask, iterations=gap) if gap else mask
+    labelled, n = ndimage.label(grouped)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labelled[mask], minlength=n + 1)  # voxels of the mask itself per group
+    keep = sizes >= keep_fraction * sizes.max()
+    keep[0] = False
+    return mask & keep[labelled]
+
+
 def postprocess(mask: np.ndarray, spec: LabelSpec) -> np.ndarray:
-    """Largest connected component and hole filling, as the label's anatomy asks."""
+    """Main connected components and hole filling, as the label's anatomy asks."""
     if not mask.any():
         return mask
     if spec.largest_component:
-        labelled, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(labelled.ravel())
-            sizes[0] = 0
-            mask = labelled == int(sizes.argmax())
+        mask = main_components(mask)
     if spec.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     return mask

@@ -89,7 +89,10 @@ class LabelSpec(_Strict):
     )
     color: tuple[int, int, int] = Field((255, 0, 0), description="Display colour (R, G, B), 0-255.")
     roi_type: RoiType = Field(RoiType.ORGAN, description="RT ROI Interpreted Type.")
-    largest_component: bool = Field(True, description="Keep only the largest 3-D connected component.")
+    largest_component: bool = Field(
+        True, description="Keep the main 3-D connected component(s): drop small, distant fragments "
+        "(models.organs.main_components)."
+    )
     fill_holes: bool = Field(True, description="Fill enclosed holes after thresholding.")
     mirror: str | None = Field(None, description="Name of the left/right counterpart (for flip augmentation/TTA).")
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from dicom_node.cli import app
 from models.errors import ModelInputError, ModelPackageError
 from models.networks import build_network
-from models.organs import canonical_axes, segment_volume
+from models.organs import canonical_axes, main_components, segment_volume
 from models.package import load_package, write_package
 from models.types import Volume
 
@@ -103,6 +103,21 @@ def test_canonical_axes_for_feet_first_and_sagittal_grids():
     with pytest.raises(ModelInputError, match="too oblique"):
         c, s = np.cos(np.radians(45)), np.sin(np.radians(45))
         canonical_axes((c, -s, 0, s, c, 0, 0, 0, 1))
+
+
+def test_post_processing_keeps_an_organ_split_by_a_gap_and_drops_distant_specks():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:9, 5:9, 5:9] = True  # an organ the network split in two by a one-voxel gap ...
+    mask[10:16, 5:9, 5:9] = True
+    mask[5:12, 14:17, 14:17] = True  # ... a second large piece further away (kept: >= 20% of the main one)
+    speck = (18, 1, 1)
+    mask[speck] = True  # a distant single voxel (dropped)
+    kept = main_components(mask)
+    expected = mask.copy()
+    expected[speck] = False
+    assert np.array_equal(kept, expected)
+    # with plain largest-component filtering (no grouping, keep only the biggest) one half of the organ is lost
+    assert main_components(mask, gap=0, keep_fraction=1.0).sum() == 7 * 16
 
 
 def test_segment_volume_is_independent_of_slice_order(package):
