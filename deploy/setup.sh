@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The two set-up commands of the README:
 #   deploy/setup.sh demo   install everything into ./.venv and run the node on embedded defaults as a demo
-#   deploy/setup.sh test   install the test dependencies (Debian packages included) and run the test suite
+#   deploy/setup.sh test   install the test dependencies (Debian packages and the sam2 extra included) and run the
+#                          test suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,16 @@ venv() {
     .venv/bin/python -m pip install -q --upgrade pip
     # torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml (they lie on the build machines' disk).
     .venv/bin/python -m pip install -q -e ".$1"
+}
+
+sam2_extra() {
+    # The optional SAM2 engine, which the tests cover. sam2 1.1.0 is a source release whose build imports torch
+    # and tries to compile a CUDA extension: build it against the venv's pinned torch (an isolated build would
+    # fetch another torch) and without the extension (SAM2 runs without it), then install the extra's other
+    # dependencies.
+    .venv/bin/python -m pip install -q "setuptools>=69" wheel
+    SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation --no-deps "sam2==1.1.0"
+    .venv/bin/python -m pip install -q -e ".[$1]"
 }
 
 debian_packages() {
@@ -37,6 +48,7 @@ case "${1:-}" in
     test)
         debian_packages
         venv "[test]"
+        sam2_extra "test,sam2"
         shift
         exec .venv/bin/python -m pytest "$@"
         ;;
