@@ -482,14 +482,16 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     }
     metrics: dict[str, Any] = {}
     if best_row is not None and best_row.get("val"):
+        # slice Dice with a box given: not comparable with an organ model's 3-D 'validation_mean_dice'
         metrics = {"selection": "mean native-pixel Dice over structures and the three box prompts, on held-out "
                                 "validation slices (one crop per structure and slice)",
-                   "validation_dice": best_row["val"]["dice"], "validation_mean_dice_by_prompt": best_row["val"]["mean"],
-                   "validation_mean_dice": best_row["val"]["score"]}
+                   "validation_slice_dice": best_row["val"]["dice"],
+                   "validation_mean_slice_dice_by_prompt": best_row["val"]["mean"],
+                   "validation_mean_slice_dice": best_row["val"]["score"]}
         if zero_row is not None:
-            metrics["zero_shot_validation_dice"] = zero_row["val"]["dice"]
-            metrics["zero_shot_validation_mean_dice_by_prompt"] = zero_row["val"]["mean"]
-            metrics["zero_shot_validation_mean_dice"] = zero_row["val"]["score"]
+            metrics["zero_shot_validation_slice_dice"] = zero_row["val"]["dice"]
+            metrics["zero_shot_validation_mean_slice_dice_by_prompt"] = zero_row["val"]["mean"]
+            metrics["zero_shot_validation_mean_slice_dice"] = zero_row["val"]["score"]
     spacing = train_stats["median_spacing_xyz"] or [1.0, 1.0, 1.0]
     package = write_package(out / "package" / cfg.package.name, _manifest_fields(cfg, summary, metrics, spacing),
                             best_state, dtype=cfg.package.weights_dtype)

