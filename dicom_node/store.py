@@ -410,6 +410,13 @@ class Store:
             return conn.execute(select(series.c.series_uid).where(
                 series.c.patient_id == patient_id, series.c.modality == "RTSTRUCT").limit(1)).first() is not None
 
+    def patient_series(self, patient_id: str, modality: str) -> list[dict[str, Any]]:
+        """Every series of the patient with that modality (any state), oldest received first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(series).where(series.c.patient_id == patient_id, series.c.modality == modality)
+                                .order_by(series.c.first_received_at))
+            return [dict(r._mapping) for r in rows]
+
     def structure_set_paths(self, patient_id: str) -> list[str]:
         """Storage paths of every RTSTRUCT instance held for the patient, oldest first."""
         with self.engine.connect() as conn:

@@ -18,19 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian
 
 from config.node import WorkerSettings
 from dicom_node.spool import Spool
+from dicom_node.studies import find_prior, structure_sets_for
 from dicom_node.store import JobRow, Store
 from models.threads import set_thread_count
-from pipeline.base import load_pipeline, run_pipeline
+from pipeline.base import PriorStudy, load_pipeline, load_prior, run_pipeline, validate_params
 from pipeline.errors import PipelineParamsError, SeriesError, StructureError, UnknownPipelineError
 from pipeline.rtstruct import build_rtstruct
-from pipeline.seeds import references_series
 from pipeline.seg import build_seg
 
 __all__ = ["Worker", "encode", "structure_sets_for"]
@@ -50,25 +49,6 @@ def encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
-
-
-_REFERENCE_TAGS = ["Modality", "FrameOfReferenceUID", "ReferencedFrameOfReferenceSequence"]
-
-
-def structure_sets_for(store: Store, spool: Spool, patient_id: str, series_uid: str, frame_of_reference_uid: str,
-                       *, full: bool = True) -> list[Dataset]:
-    """The stored RT Structure Sets that reference a series (oldest first); ``full=False`` reads only the
-    reference headers, enough to know whether there is one."""
-    found = []
-    for relative in store.structure_set_paths(patient_id):
-        path = spool.absolute(relative)
-        try:
-            header = dcmread(path, specific_tags=_REFERENCE_TAGS)
-            if references_series(header, series_uid, frame_of_reference_uid):
-                found.append(dcmread(path) if full else header)
-        except (OSError, InvalidDicomError) as exc:  # a damaged file must not block the series it may seed
-            log.warning("cannot read stored structure set %s: %s", relative, exc)
-    return found
 
 
 class Worker:
@@ -114,7 +94,9 @@ class Worker:
             first = datasets[0]
             seeds = structure_sets_for(self.store, self.spool, str(first.get("PatientID", "")), job.series_uid,
                                        str(first.get("FrameOfReferenceUID", "")))
-            structure_set = run_pipeline(pipeline, datasets, job.params, structure_sets=seeds)
+            prior = self._prior(job.series_uid, first) \
+                if validate_params(pipeline, job.params).needs_prior_study() else None
+            structure_set = run_pipeline(pipeline, datasets, job.params, structure_sets=seeds, prior=prior)
             outputs = [self._write(built) for built in self._build(job, datasets, structure_set)]
         except NOT_RETRIED as exc:
             log.warning("job %d rejected: %s", job.id, exc)
@@ -139,6 +121,10 @@ class Worker:
         if not rows:
             raise SeriesError(f"no stored instances for series {series_uid}")
         return [dcmread(self.spool.absolute(r["path"])) for r in rows]
+
+    def _prior(self, series_uid: str, first: Dataset) -> PriorStudy | None:
+        found = find_prior(self.store, self.spool, self.store.series_info(series_uid) or {}, first)
+        return None if found is None else load_prior(*found)
 
     @staticmethod
     def _build(job: JobRow, datasets: list[Dataset], structure_set: Any) -> list[Dataset]:

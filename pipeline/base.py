@@ -32,10 +32,12 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "PipelineParams",
     "PipelineInput",
+    "PriorStudy",
     "Pipeline",
     "available_pipelines",
     "load_pipeline",
     "validate_params",
+    "load_prior",
     "run_pipeline",
 ]
 
@@ -49,16 +51,32 @@ class PipelineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def needs_prior_study(self) -> bool:
+        """Whether the node must look up an earlier study of the patient for this job (loading one costs a
+        whole CT, so only pipelines that use it say so)."""
+        return False
+
+
+@dataclass(frozen=True)
+class PriorStudy:
+    """An earlier image series of the same patient and the RT Structure Sets that reference it."""
+
+    volume: Volume
+    structure_sets: tuple[Dataset, ...]
+    series_uid: str = ""
+
 
 @dataclass(frozen=True)
 class PipelineInput:
-    """What a pipeline receives: the volume, its source instances in slice order, validated parameters, and the
-    RT Structure Sets that reference the series (seed contours; empty for pipelines that need none)."""
+    """What a pipeline receives: the volume, its source instances in slice order, validated parameters, the
+    RT Structure Sets that reference the series (seed contours; empty for pipelines that need none) and, when
+    the parameters ask for one, the patient's prior study (None when the node holds none)."""
 
     volume: Volume
     datasets: tuple[Dataset, ...]  # datasets[k] is slice k of volume.array
     params: PipelineParams = field(default_factory=PipelineParams)
     structure_sets: tuple[Dataset, ...] = ()
+    prior: PriorStudy | None = None
 
 
 @runtime_checkable
@@ -135,11 +153,17 @@ def _check_output(pipeline: Pipeline, result: StructureSet, volume: Volume) -> S
     return result
 
 
+def load_prior(datasets: Sequence[Dataset], structure_sets: Sequence[Dataset]) -> PriorStudy:
+    """A prior study from its image instances and the structure sets that reference them."""
+    return PriorStudy(volume=load_volume(datasets), structure_sets=tuple(structure_sets),
+                      series_uid=str(datasets[0].get("SeriesInstanceUID", "")) if datasets else "")
+
+
 def run_pipeline(pipeline: Pipeline, datasets: Sequence[Dataset], params: Mapping[str, Any] | None = None,
-                 structure_sets: Sequence[Dataset] = ()) -> StructureSet:
+                 structure_sets: Sequence[Dataset] = (), prior: PriorStudy | None = None) -> StructureSet:
     """Load ``datasets`` as a volume, validate ``params`` and run ``pipeline``; check what it returns."""
     validated = validate_params(pipeline, params)
     data = PipelineInput(volume=load_volume(datasets), datasets=tuple(sort_slices(datasets)), params=validated,
-                         structure_sets=tuple(structure_sets))
+                         structure_sets=tuple(structure_sets), prior=prior)
     logger.info("running pipeline %s %s on a %s volume", pipeline.name, pipeline.version, data.volume.shape)
     return _check_output(pipeline, pipeline.run(data), data.volume)

@@ -6,6 +6,9 @@ worker loads them). Each seeded ROI comes back under its own name and RT ROI Int
 exactly as drawn. A series without a seed is rejected (not retried): the message says what was missing.
 
     run: [{pipeline: propagate, params: {engine: litemedsam, source: seed, structures: [GTV]}}]
+
+``source: prior`` takes its prompts from the patient's earlier study instead (``PipelineInput.prior``, found by
+the node's worker): see :mod:`pipeline.prior`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from models.prompting import available_engines, load_engine
 from models.propagate import PropagationSettings, Seed, propagate
 from models.types import Structure, StructureSet
 from pipeline.base import PipelineInput, PipelineParams
+from pipeline.prior import run_prior
 from pipeline.seeds import SeedError, seed_rois
 
 __all__ = ["PropagateParams", "PropagatePipeline"]
@@ -28,9 +32,18 @@ log = logging.getLogger(__name__)
 
 class PropagateParams(PipelineParams):
     engine: str = Field("litemedsam", description="Promptable engine by name (see models.prompting.ENGINES).")
-    source: Literal["seed"] = Field(
-        "seed", description="Where prompts come from: 'seed' = an RTSTRUCT referencing the series. ('prior', "
-        "registration of an earlier study, is not implemented yet and is refused.)")
+    source: Literal["seed", "prior"] = Field(
+        "seed", description="Where prompts come from: 'seed' = an RTSTRUCT referencing the series; 'prior' = the "
+        "patient's earlier image series and its RTSTRUCT, registered to this one (see pipeline.prior).")
+    prior: Literal["latest"] = Field(
+        "latest", description="source: prior: which earlier series: the most recent one with a structure set.")
+    deformable: bool = Field(True, description="source: prior: B-spline registration after the rigid one.")
+    key_slices: int = Field(3, ge=1, le=9, description="source: prior: slices of each mapped ROI that prompt "
+                            "propagation (1: the middle; 3: 1/4, 1/2, 3/4 of its extent).")
+    min_agreement: float = Field(
+        0.5, ge=0, le=1, description="source: prior: a propagated slice whose Dice with the registered contour "
+        "is below this is replaced by the registered slice (1: registration only; 0: propagation wherever it "
+        "reached).")
     structures: list[str] | None = Field(
         None, min_length=1, description="ROI names to propagate (case-insensitive); default: every seeded ROI.")
     checkpoint: str | None = Field(
@@ -39,6 +52,9 @@ class PropagateParams(PipelineParams):
                                      "below this fraction of its seed's.")
     max_growth: float = Field(2.0, gt=1, description="Stop a direction when the area grows more than this "
                               "factor from one slice to the next (leak into a neighbour).")
+
+    def needs_prior_study(self) -> bool:
+        return self.source == "prior"
 
     @field_validator("engine")
     @classmethod
@@ -58,6 +74,11 @@ class PropagatePipeline:
     def run(self, data: PipelineInput) -> StructureSet:
         p = data.params if isinstance(data.params, PropagateParams) else \
             PropagateParams.model_validate(data.params.model_dump())
+        if p.source == "prior":
+            return run_prior(data, load_engine(p.engine, p.checkpoint), PropagationSettings(
+                min_area_fraction=p.min_area_fraction, max_growth=p.max_growth), structures=p.structures,
+                deformable=p.deformable, key_slices=p.key_slices, min_agreement=p.min_agreement,
+                version=self.version)
         if not data.structure_sets:
             raise SeedError("no RT Structure Set references this series: the propagate pipeline needs seed "
                             "contours (send the RTSTRUCT with the images, or within node.structure_set_wait_seconds)")

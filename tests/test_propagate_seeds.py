@@ -106,7 +106,9 @@ def test_pipeline_without_seed_is_rejected_before_any_model_loads(slab):
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"source": "prior"}, "source: Input should be 'seed'"),
+    ({"source": "previous"}, "source: Input should be 'seed' or 'prior'"),
+    ({"source": "prior", "prior": "first"}, "prior: Input should be 'latest'"),
+    ({"source": "prior", "min_agreement": 1.5}, "min_agreement: Input should be less than or equal to 1"),
     ({"engine": "sam9"}, "unknown engine 'sam9'; known engines: litemedsam"),
     ({"structures": []}, "structures: List should have at least 1 item"),
 ])
