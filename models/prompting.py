@@ -2,27 +2,37 @@
 
 An engine encodes square image crops once (the expensive step, batched) and then decodes any number of prompts
 against an encoding (cheap). Propagation (:mod:`models.propagate`) and the evaluation see only this interface, so
-they run unchanged on LiteMedSAM, a fine-tuned LiteMedSAM package or, later, a SAM2 checkpoint.
+they run unchanged on LiteMedSAM or a fine-tuned LiteMedSAM package.
 
 Coordinates are pixels of the engine's square input (``input_size`` x ``input_size``), x then y, as SAM takes them.
 Images are float32 in [0, 1] (already windowed); masks come back as logits on the same square grid.
 
-Engines are looked up in :data:`ENGINES` by name (``litemedsam``); :func:`load_engine` caches one instance per
-(name, checkpoint) so a worker loads weights once.
+Engines are looked up in :data:`ENGINES` by name (``litemedsam``, ``sam2``); :func:`load_engine` caches one
+instance per (name, checkpoint) so a worker loads weights once, and :func:`check_engine` is the rules-time check
+(no weights loaded). An engine that tracks through the whole stack itself (SAM2's video predictor) is a
+:class:`VolumePropagator`; propagation hands it the volume instead of driving it slice by slice.
+
+``sam2`` is always listed: its package is an optional extra (``dicom-node[sam2]``), imported only when the engine
+loads, and a rule naming it without the package or without a checkpoint file fails the rules check with that
+reason, which says more than "unknown engine" would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from models.errors import EngineError
 
-__all__ = ["Prompt", "PromptEngine", "ENGINES", "available_engines", "load_engine", "engine_factory"]
+if TYPE_CHECKING:
+    from models.propagate import PropagationSettings, Seed, StructureResult
+
+__all__ = ["Prompt", "PromptEngine", "VolumePropagator", "ENGINES", "available_engines", "load_engine",
+           "engine_factory", "check_engine"]
 
 
 @dataclass(frozen=True)
@@ -60,13 +70,39 @@ class PromptEngine(Protocol):
         ...
 
 
+@runtime_checkable
+class VolumePropagator(Protocol):
+    """An engine that propagates seeds through a whole (Z, Y, X) HU volume itself, e.g. a video predictor."""
+
+    name: str
+    version: str
+
+    def propagate_volume(self, image: np.ndarray, seeds: Mapping[str, Seed],
+                         settings: PropagationSettings | None = None) -> dict[str, StructureResult]:
+        ...
+
+
 def _litemedsam(checkpoint: str | None) -> PromptEngine:
     from models.litemedsam import LiteMedSamEngine
 
     return LiteMedSamEngine.load(checkpoint)
 
 
-ENGINES: dict[str, Callable[[str | None], PromptEngine]] = {"litemedsam": _litemedsam}
+def _sam2(checkpoint: str | None) -> Any:
+    from models.sam2_engine import Sam2Engine
+
+    return Sam2Engine.load(checkpoint)
+
+
+def _sam2_check(checkpoint: str | None) -> None:
+    from models.sam2_checkpoint import check_checkpoint  # imports neither torch nor sam2
+
+    check_checkpoint(checkpoint)
+
+
+ENGINES: dict[str, Callable[[str | None], Any]] = {"litemedsam": _litemedsam, "sam2": _sam2}
+# Rules-time checks of an engine's checkpoint; an engine without one is checked when it loads.
+ENGINE_CHECKS: dict[str, Callable[[str | None], None]] = {"sam2": _sam2_check}
 
 
 def available_engines() -> list[str]:
@@ -78,6 +114,13 @@ def engine_factory(name: str) -> Callable[[str | None], PromptEngine]:
     if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}; known engines: {', '.join(available_engines())}")
     return ENGINES[name]
+
+
+def check_engine(name: str, checkpoint: str | None) -> None:
+    """:class:`EngineError` unless engine ``name`` is known and ``checkpoint`` passes its rules-time check."""
+    engine_factory(name)
+    if name in ENGINE_CHECKS:
+        ENGINE_CHECKS[name](checkpoint)
 
 
 @lru_cache(maxsize=4)

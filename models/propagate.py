@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from models.errors import ModelInputError
-from models.prompting import Prompt, PromptEngine
+from models.prompting import Prompt, PromptEngine, VolumePropagator
 
 __all__ = [
     "PropagationSettings", "CropWindow", "Seed", "StructureResult", "EncodingCache",
@@ -358,6 +358,8 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
     s = settings or PropagationSettings()
     if image.ndim != 3:
         raise ModelInputError(f"image must be 3-D (Z, Y, X), got shape {image.shape}")
+    if isinstance(engine, VolumePropagator):  # e.g. SAM2's video predictor: it tracks through the stack itself
+        return engine.propagate_volume(image, seeds, s)
     cache = cache if cache is not None else EncodingCache()
     seeds = {key: _with_click_masks(engine, image, seed, s, cache) for key, seed in seeds.items()}
     results: dict[str, StructureResult] = {}

@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from models.prompting import available_engines, load_engine
+from models.errors import EngineError
+from models.prompting import available_engines, check_engine, load_engine
 from models.propagate import PropagationSettings, Seed, propagate
 from models.types import Structure, StructureSet
 from pipeline.base import PipelineInput, PipelineParams
@@ -47,7 +48,8 @@ class PropagateParams(PipelineParams):
     structures: list[str] | None = Field(
         None, min_length=1, description="ROI names to propagate (case-insensitive); default: every seeded ROI.")
     checkpoint: str | None = Field(
-        None, description="A fine-tuned model package (name or folder) replacing the engine's default weights.")
+        None, validate_default=True, description="A fine-tuned model package (name or folder) replacing the "
+        "engine's default weights; for engine sam2 (no default weights), the path of a SAM2 / MedSAM2 .pt file.")
     min_area_fraction: float = Field(0.1, ge=0, lt=1, description="Stop a direction when the mask's area falls "
                                      "below this fraction of its seed's.")
     max_growth: float = Field(2.0, gt=1, description="Stop a direction when the area grows more than this "
@@ -61,6 +63,18 @@ class PropagateParams(PipelineParams):
     def _known_engine(cls, value: str) -> str:
         if value not in available_engines():
             raise ValueError(f"unknown engine {value!r}; known engines: {', '.join(available_engines())}")
+        return value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _engine_checkpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Checks that need no weights (sam2: package installed, checkpoint file and config present) fail here,
+        # when rules load, rather than in the first job.
+        if "engine" in info.data:  # absent when the engine itself was refused
+            try:
+                check_engine(info.data["engine"], value)
+            except EngineError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
 
