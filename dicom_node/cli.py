@@ -348,6 +348,68 @@ def evaluate(model: Annotated[str, typer.Argument(help="Installed package name o
     typer.echo(f"report: {out}")
 
 
+def _labels(structures: list[str] | None):  # type: ignore[no-untyped-def]
+    """--structure NAME or NAME=SOURCE1,SOURCE2 (other names of the same mask in the NPZ)."""
+    from models.data import LabelSource
+    from models.evaluate_propagation import HN_ORGANS
+
+    if not structures:
+        return HN_ORGANS
+    out = []
+    for item in structures:
+        name, _, sources = item.partition("=")
+        out.append(LabelSource(name.strip(), tuple(s.strip() for s in sources.split(",") if s.strip())))
+    return tuple(out)
+
+
+@app.command("evaluate-propagation")
+def evaluate_propagation(
+        data: Annotated[list[Path], typer.Argument(help="NPZ files or folders of them.")],
+        engine: Annotated[str, typer.Option(help="Promptable engine by name.")] = "litemedsam",
+        checkpoint: Annotated[Optional[list[str]], typer.Option(
+            help="A fine-tuned model package (name or folder); repeat for several. Each is a column beside "
+                 "the zero-shot one.")] = None,
+        mode: Annotated[str, typer.Option(help="seed: propagate from the clinical contour on --seed-slices "
+                                               "slices; truebox: every slice prompted with its true box.")] = "seed",
+        seed_slices: Annotated[int, typer.Option(help="Seed slices per structure: 1 (middle) or 3.")] = 1,
+        truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
+                                                    "column.")] = True,
+        structure: Annotated[Optional[list[str]], typer.Option(
+            help="Structure NAME or NAME=NPZNAME,... (repeat); default: the seven OpenKBP organs.")] = None,
+        limit: Annotated[Optional[int], typer.Option(help="Only the first N cases.")] = None,
+        threads: Annotated[int, typer.Option(help="CPU threads for inference.")] = 2,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("evaluation-propagation"),
+) -> None:
+    """Seed-mode propagation (or true boxes) on NPZ cases: per case and structure Dice and HD95, zero-shot and
+    fine-tuned side by side, with the true-box upper bound; CSV and summary table."""
+    from models.errors import ModelError
+    from models.evaluate_propagation import MODES, Run, comparison_markdown, evaluate_propagation as run_eval
+    from models.prompting import load_engine
+    from models.threads import set_thread_count
+
+    if mode not in MODES:
+        typer.echo(f"--mode must be one of {', '.join(sorted(MODES))}, got {mode!r}", err=True)
+        raise typer.Exit(2)
+    if seed_slices not in (1, 3):
+        typer.echo(f"--seed-slices must be 1 or 3, got {seed_slices}", err=True)
+        raise typer.Exit(2)
+    _setup_logging(False)
+    set_thread_count(threads)
+    try:
+        zero_shot = load_engine(engine)
+        runs = [Run(f"zero-shot {mode}", zero_shot, mode)]
+        runs += [Run(f"{Path(c).name} {mode}", load_engine(engine, c), mode) for c in checkpoint or []]
+        if truebox and mode != "truebox":
+            runs.append(Run("zero-shot truebox", zero_shot, "truebox"))
+        summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
+                             progress=typer.echo)
+    except ModelError as exc:
+        typer.echo(f"evaluation failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(comparison_markdown(summaries))
+    typer.echo(f"report: {out}")
+
+
 @app.command()
 def send(paths: Annotated[list[Path], typer.Argument(help="Files or folders (recursive).")],
          to: Annotated[str, typer.Option("--to", help="Destination name or AE@HOST:PORT.")],
