@@ -112,6 +112,8 @@ class Worker:
             "structures": structure_set.names(), "seconds": round(time.monotonic() - started, 2),
             "pipeline_version": pipeline.version, "formats": job.formats,
         }
+        if structure_set.notes:  # what the pipeline reports beside the contours (stops, skipped seed ROIs)
+            result["notes"] = dict(structure_set.notes)
         log.info("job %d done: %s on %d images -> %s in %.1fs", job.id, job.pipeline, len(datasets),
                  ", ".join(job.formats), result["seconds"])
         return self.store.finish_job(job, outputs=outputs, result=result)

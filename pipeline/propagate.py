@@ -26,7 +26,9 @@ from pipeline.base import PipelineInput, PipelineParams
 from pipeline.prior import run_prior
 from pipeline.seeds import SeedError, seed_rois
 
-__all__ = ["PropagateParams", "PropagatePipeline"]
+__all__ = ["PropagateParams", "PropagatePipeline", "SEED_WARNINGS"]
+
+SEED_WARNINGS = "seed warnings"  # key of StructureSet.notes listing skipped ROIs and rasterisation warnings
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ class PropagatePipeline:
             Structure(name=r.name, mask=results[r.name].mask, color=r.color, roi_type=r.roi_type,
                       algorithm=engine.name, algorithm_version=engine.version) for r in rois)
         notes = {r.name: "; ".join(results[r.name].stops) for r in rois}
+        if warnings:  # e.g. an empty ROI, skipped: the job record says so, not only the log
+            notes[SEED_WARNINGS] = "; ".join(warnings)
         return StructureSet(structures=structures, label="PROPAGATED",
                             description=f"dicom-node propagate {self.version}: {engine.name} {engine.version} "
                                         f"from seeds on {sum(len(r.masks) for r in rois)} slice(s)", notes=notes)
