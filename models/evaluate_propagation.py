@@ -35,7 +35,7 @@ from models.prompting import PromptEngine
 from models.propagate import EncodingCache, PropagationSettings, Seed, propagate, segment_slices
 
 __all__ = ["HN_ORGANS", "MODES", "Run", "RunScore", "seed_slices", "seed_mode", "truebox_mode",
-           "evaluate_case", "evaluate_propagation", "comparison_markdown"]
+           "evaluate_case", "evaluate_propagation", "comparison_markdown", "write_report"]
 
 # The seven OpenKBP organs at risk under their TG-263 names (as config/train.example.yaml maps them).
 HN_ORGANS = (
@@ -136,7 +136,8 @@ def evaluate_propagation(runs: Sequence[Run], data: Sequence[Path], out_dir: Pat
                 progress(f"{case.case_id} {run.label}: mean Dice {np.mean([x.dice for x in found]):.3f} "
                          f"({found[0].seconds if found else 0:.0f} s)")
         summaries = {r.label: summarise([x for x in scores if x.run == r.label]) for r in runs}
-        _write(scores, summaries, runs, n, seed_count, out_dir)
+        write_report(scores, summaries, n, seed_count, out_dir,
+                     {r.label: (f"{r.engine.name} {r.engine.version}", r.mode) for r in runs})
     return summaries
 
 
@@ -160,8 +161,10 @@ def comparison_markdown(summaries: Mapping[str, Mapping[str, Mapping[str, float]
     return "\n".join(lines) + "\n"
 
 
-def _write(scores: Sequence[RunScore], summaries: Mapping[str, Mapping[str, Mapping[str, float]]],
-           runs: Sequence[Run], cases: int, seed_count: int, out_dir: Path) -> None:
+def write_report(scores: Sequence[RunScore], summaries: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 cases: int, seed_count: int | None, out_dir: Path,
+                 engines: Mapping[str, tuple[str, str]] | None = None) -> None:
+    """``scores.csv``, ``summary.json`` and ``summary.md`` in ``out_dir``; ``engines``: run -> (engine, mode)."""
     with open(out_dir / "scores.csv", "w", newline="") as fh:
         fields = ["run", "case", "structure", "dice", "hd95_mm", "surface_dice", "truth_ml", "predicted_ml", "seconds"]
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -169,13 +172,13 @@ def _write(scores: Sequence[RunScore], summaries: Mapping[str, Mapping[str, Mapp
         for s in scores:
             row = asdict(s)
             writer.writerow({k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in fields})
-    first = runs[0].label
+    first = next(iter(summaries))
     counts = {k: int(v["cases"]) for k, v in summaries[first].items() if k != "mean"}
-    per_case = {r.label: {s.case: s.seconds for s in scores if s.run == r.label} for r in runs}
+    per_case = {r: {s.case: s.seconds for s in scores if s.run == r} for r in summaries}
     seconds = {k: float(np.mean(list(v.values()) or [0.0])) for k, v in per_case.items()}
     (out_dir / "summary.json").write_text(json.dumps(
         {"cases": cases, "seed_slices": seed_count, "seconds_per_case": seconds,
-         "runs": {r.label: {"engine": f"{r.engine.name} {r.engine.version}", "mode": r.mode} for r in runs},
+         "runs": {r: {"engine": e, "mode": m} for r, (e, m) in (engines or {}).items()},
          "structures": summaries}, indent=1))
     (out_dir / "summary.md").write_text(
         comparison_markdown(summaries, counts) + "\nseconds per case: "
