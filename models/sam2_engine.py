@@ -7,6 +7,10 @@ The stop criteria of :mod:`models.propagate` (vanished, collapsed, jumped, exten
 slice-by-slice engines; between two seeds the slices are tracked upward with both seeds in SAM2's memory. Whole
 slices are used, as MedSAM2 does: SAM2 sees context through its memory rather than through zoomed crops.
 
+The engine also answers the per-slice :class:`~models.prompting.PromptEngine` calls (``encode``/``decode`` of
+crops through SAM2's image path, as ``SAM2ImagePredictor`` does), so the evaluation's true-box upper bound
+(:func:`models.propagate.segment_slices`) runs on it too.
+
 Weights are the user's: ``checkpoint`` is the path of a ``.pt`` file (Meta's SAM2 / SAM2.1 or MedSAM2), its model
 config found as :mod:`models.sam2_checkpoint` says; nothing is downloaded. Without weights there is no engine:
 quality is the checkpoint's.
@@ -25,8 +29,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.errors import EngineError, ModelInputError
+from models.prompting import Prompt
 from models.propagate import PropagationSettings, Seed, StructureResult, keep_connected, normalise, stop_reason
 from models.sam2_checkpoint import package_dir, read_config, resolve_checkpoint
 
@@ -157,8 +163,9 @@ class _Track:
 
 
 class Sam2Engine:
-    """SAM2's video predictor over a slice stack; ``propagate_volume`` is what :func:`models.propagate.propagate`
-    calls for it (the predictor is injected, so tests can give a randomly initialised one)."""
+    """SAM2's video predictor over a slice stack: ``propagate_volume`` is what :func:`models.propagate.propagate`
+    calls for it. It is a :class:`~models.prompting.PromptEngine` too (``encode``/``decode`` on crops, the image
+    path), so per-slice callers work. The predictor is injected, so tests can give a randomly initialised one."""
 
     name = ARCHITECTURE
 
@@ -175,6 +182,59 @@ class Sam2Engine:
         predictor = build_predictor(spec.config, state, device)
         log.info("loaded sam2 weights %s with config %s", version, spec.config.name)
         return cls(predictor, version)
+
+    # --- the image path (as sam2's SAM2ImagePredictor): one crop at a time, for PromptEngine callers such as the
+    # evaluation's true-box upper bound (models.propagate.segment_slices) -------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """Features of (N, S, S) crops in [0, 1]: the image embedding and the two high-resolution feature maps
+        SAM2's decoder also reads, in half precision (at S = 1024 a crop's features are 8 MB instead of 16)."""
+        images = np.asarray(images, dtype=np.float32)
+        size = self.input_size
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise ValueError(f"encode takes (N, {size}, {size}) images, got {images.shape}")
+        model = self.predictor
+        x = torch.from_numpy(np.ascontiguousarray(((images[..., None] - IMAGENET_MEAN) / IMAGENET_STD)
+                                                  .transpose(0, 3, 1, 2), dtype=np.float32)).to(model.device)
+        _, feats, _, sizes = model._prepare_backbone_features(model.forward_image(x))
+        if model.directly_add_no_mem_embed:  # what a frame without memory gets, as in SAM2ImagePredictor
+            feats[-1] = feats[-1] + model.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(len(images), -1, h, w).half() for f, (h, w) in zip(feats, sizes)]
+        return [{"image_embed": maps[-1][i], "high_res_feats": [m[i] for m in maps[:-1]]} for i in range(len(images))]
+
+    @torch.inference_mode()
+    def decode(self, embeddings: Sequence[Any], prompts: Sequence[Prompt]) -> np.ndarray:
+        if len(embeddings) != len(prompts):
+            raise ValueError(f"one embedding per prompt: {len(embeddings)} embeddings, {len(prompts)} prompts")
+        return np.stack([self._decode_one(e, p) for e, p in zip(embeddings, prompts)]) if prompts else \
+            np.zeros((0, self.input_size, self.input_size), np.float32)
+
+    def _decode_one(self, embedding: dict[str, Any], prompt: Prompt) -> np.ndarray:
+        model, size = self.predictor, self.input_size
+        coords, labels = [], []
+        if prompt.box is not None:  # SAM2 takes a box as two corner points labelled 2 and 3
+            coords += [prompt.box[:2], prompt.box[2:]]
+            labels += [2, 3]
+        if prompt.points is not None:
+            coords += [tuple(xy) for xy in np.asarray(prompt.points, np.float32)]
+            labels += [int(v) for v in prompt.labels]  # type: ignore[union-attr]
+        dev = model.device
+        points = (torch.tensor([coords], dtype=torch.float32, device=dev),
+                  torch.tensor([labels], dtype=torch.int32, device=dev))
+        masks = None
+        if prompt.mask_logits is not None:  # the decoder takes mask prompts at a quarter of the input size
+            full = torch.as_tensor(prompt.mask_logits, dtype=torch.float32, device=dev)[None, None]
+            masks = F.interpolate(full, size=(size // 4, size // 4), mode="bilinear", align_corners=False)
+        sparse, dense = model.sam_prompt_encoder(points=points, boxes=None, masks=masks)
+        low, _, _, _ = model.sam_mask_decoder(
+            image_embeddings=embedding["image_embed"].float()[None], image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            repeat_image=False, high_res_features=[f.float()[None] for f in embedding["high_res_feats"]])
+        logits = F.interpolate(low.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return logits[0, 0].cpu().numpy()
+
+    # --- the video path ---------------------------------------------------------------------------------------
 
     def propagate_volume(self, image: np.ndarray, seeds: Mapping[str, Seed],
                          settings: PropagationSettings | None = None) -> dict[str, StructureResult]:

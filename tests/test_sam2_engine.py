@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 from factories import ct_series, load_openkbp  # noqa: E402
 from models.errors import EngineError  # noqa: E402
-from models.prompting import VolumePropagator, load_engine  # noqa: E402
-from models.propagate import PropagationSettings, Seed, propagate  # noqa: E402
+from models.prompting import Prompt, PromptEngine, VolumePropagator, load_engine  # noqa: E402
+from models.propagate import PropagationSettings, Seed, propagate, segment_slices  # noqa: E402
 from models.sam2_checkpoint import package_dir  # noqa: E402
 from models.sam2_engine import Sam2Engine, _SliceFrames, build_predictor  # noqa: E402
 from models.types import RoiType, Structure, StructureSet  # noqa: E402
@@ -113,6 +113,42 @@ def test_two_structures_several_seeds_clicks_and_an_extent(tiny_checkpoint, slab
     else:
         assert b.stops == ["clicks on slice 3 gave no mask"] and not b.mask.any()
     assert not results["Empty"].mask.any() and results["Empty"].stops == []
+
+
+def test_the_image_path_encodes_crops_and_decodes_box_point_and_mask_prompts(tiny_checkpoint, slab):
+    image, truth, _ = slab
+    engine = load_engine("sam2", str(tiny_checkpoint))
+    assert isinstance(engine, PromptEngine)
+    crops = np.clip((image[3:5, :SIZE // 2, :SIZE // 2].repeat(2, 1).repeat(2, 2) + 160) / 400, 0, 1)
+    embeddings = engine.encode(crops)
+    assert len(embeddings) == 2 and embeddings[0]["image_embed"].shape == (256, SIZE // 16, SIZE // 16)
+    prompts = [Prompt(box=(40.0, 50.0, 120.0, 130.0)),
+               Prompt(points=np.array([[80.0, 90.0]]), labels=np.array([1])),
+               Prompt(box=(40.0, 50.0, 120.0, 130.0), mask_logits=np.full((SIZE, SIZE), -8.0, np.float32))]
+    logits = engine.decode([embeddings[0], embeddings[1], embeddings[0]], prompts)
+    assert logits.shape == (3, SIZE, SIZE) and logits.dtype == np.float32 and np.isfinite(logits).all()
+    assert not np.array_equal(logits[0], logits[2])  # the mask prompt reaches the decoder
+    assert np.array_equal(logits, engine.decode([embeddings[0], embeddings[1], embeddings[0]], prompts))
+    with pytest.raises(ValueError, match=f"encode takes \\(N, {SIZE}, {SIZE}\\) images"):
+        engine.encode(crops[:, :10])
+    upper = segment_slices(engine, image[3:6], truth[3:6])  # the evaluation's true-box bound, one crop per slice
+    assert upper.shape == truth[3:6].shape and upper.dtype == bool
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # sam2's image transforms
+def test_the_image_path_gives_what_sam2s_image_predictor_gives(tiny_checkpoint):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    engine = load_engine("sam2", str(tiny_checkpoint))
+    crop = np.random.default_rng(0).random((SIZE, SIZE), dtype=np.float32)
+    box, click = (40.0, 50.0, 120.0, 130.0), np.array([[80.0, 90.0]])
+    ours = engine.decode(engine.encode(crop[None]), [Prompt(box=box, points=click, labels=np.array([1]))])[0]
+    reference = SAM2ImagePredictor(engine.predictor)
+    reference._bb_feat_sizes = [(SIZE // 4,) * 2, (SIZE // 8,) * 2, (SIZE // 16,) * 2]  # it assumes 1024^2 inputs
+    reference.set_image(np.repeat(crop[..., None], 3, axis=2))
+    theirs, _, _ = reference.predict(point_coords=click, point_labels=np.array([1]), box=np.array(box),
+                                     multimask_output=False, return_logits=True)
+    assert np.abs(ours - theirs[0]).max() < 1e-3 * max(1.0, np.abs(theirs).max())  # our features are kept in fp16
 
 
 def test_inference_state_has_the_layout_sam2_builds(tmp_path, tiny_checkpoint, slab):
