@@ -2,14 +2,14 @@
 
 An engine encodes square image crops once (the expensive step, batched) and then decodes any number of prompts
 against an encoding (cheap). Propagation (:mod:`models.propagate`) and the evaluation see only this interface, so
-they run unchanged on LiteMedSAM or a fine-tuned LiteMedSAM package.
+they run unchanged on LiteMedSAM, a fine-tuned LiteMedSAM package or a SAM2 checkpoint (``sam2``).
 
 Coordinates are pixels of the engine's square input (``input_size`` x ``input_size``), x then y, as SAM takes them.
 Images are float32 in [0, 1] (already windowed); masks come back as logits on the same square grid.
 
 Engines are looked up in :data:`ENGINES` by name (``litemedsam``, ``sam2``); :func:`load_engine` caches one
 instance per (name, checkpoint) so a worker loads weights once, and :func:`check_engine` is the rules-time check
-(no weights loaded). An engine that tracks through the whole stack itself (SAM2's video predictor) is a
+(no weights loaded). An engine that tracks through the whole stack itself (SAM2's video predictor) is also a
 :class:`VolumePropagator`; propagation hands it the volume instead of driving it slice by slice.
 
 ``sam2`` is always listed: its package is an optional extra (``dicom-node[sam2]``), imported only when the engine
@@ -88,7 +88,7 @@ def _litemedsam(checkpoint: str | None) -> PromptEngine:
     return LiteMedSamEngine.load(checkpoint)
 
 
-def _sam2(checkpoint: str | None) -> Any:
+def _sam2(checkpoint: str | None) -> PromptEngine:
     from models.sam2_engine import Sam2Engine
 
     return Sam2Engine.load(checkpoint)
@@ -100,7 +100,7 @@ def _sam2_check(checkpoint: str | None) -> None:
     check_checkpoint(checkpoint)
 
 
-ENGINES: dict[str, Callable[[str | None], Any]] = {"litemedsam": _litemedsam, "sam2": _sam2}
+ENGINES: dict[str, Callable[[str | None], PromptEngine]] = {"litemedsam": _litemedsam, "sam2": _sam2}
 # Rules-time checks of an engine's checkpoint; an engine without one is checked when it loads.
 ENGINE_CHECKS: dict[str, Callable[[str | None], None]] = {"sam2": _sam2_check}
 
