@@ -370,7 +370,9 @@ def evaluate_propagation(
             help="A fine-tuned model package (name or folder); repeat for several. Each is a column beside "
                  "the zero-shot one.")] = None,
         mode: Annotated[str, typer.Option(help="seed: propagate from the clinical contour on --seed-slices "
-                                               "slices; truebox: every slice prompted with its true box.")] = "seed",
+                                               "slices; truebox: every slice prompted with its true box; prior: "
+                                               "register the case to a simulated follow-up and propagate from "
+                                               "3 key slices, beside registration alone.")] = "seed",
         seed_slices: Annotated[int, typer.Option(help="Seed slices per structure: 1 (middle) or 3.")] = 1,
         truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
                                                     "column.")] = True,
@@ -399,7 +401,7 @@ def evaluate_propagation(
         zero_shot = load_engine(engine)
         runs = [Run(f"zero-shot {mode}", zero_shot, mode)]
         runs += [Run(f"{Path(c).name} {mode}", load_engine(engine, c), mode) for c in checkpoint or []]
-        if truebox and mode != "truebox":
+        if truebox and mode == "seed":  # prior mode scores a moved image: the case's true boxes do not apply
             runs.append(Run("zero-shot truebox", zero_shot, "truebox"))
         summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
                              progress=typer.echo)

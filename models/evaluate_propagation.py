@@ -10,8 +10,12 @@ A *mode* turns one case's clinical masks into predicted masks with an engine:
   After a seed run of the same engine on the case, a slice whose propagation crop holds the true box (and is
   within 1.25x the ideal crop's side) is decoded on that crop rather than encoded again.
 
-Modes are looked up in :data:`MODES` by name, so another prompt source (e.g. a registered prior study) is one more
-entry. Metrics are :func:`models.evaluate.structure_metrics` (MONAI) on each case's own grid.
+- ``prior``: the prior-study mode (:func:`models.prior.follow_up_case`): a follow-up scan is simulated from the
+  case (seed = CRC-32 of its case id, so every run sees the same one), the undeformed CT is registered to it and
+  its masks propagate from 3 key slices as in the node; scored against the *moved* masks, with the registered
+  masks alone and propagation alone as two more columns.
+
+Modes are looked up in :data:`MODES` by name, so another prompt source is one more entry. Metrics are :func:`models.evaluate.structure_metrics` (MONAI) on each case's own grid.
 
 :func:`seed_slices`, :func:`comparison_markdown` and the mode functions are pure given an engine;
 :func:`evaluate_propagation` reads the cases and writes ``scores.csv``, ``summary.json`` and ``summary.md``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +36,7 @@ import numpy as np
 from models.data import LabelSource, find_cases, read_npz
 from models.errors import TrainingError
 from models.evaluate import CaseScore, score_case, summarise
+from models.prior import follow_up_case
 from models.prompting import PromptEngine
 from models.propagate import EncodingCache, PropagationSettings, Seed, propagate, segment_slices
 
@@ -76,7 +82,8 @@ def truebox_mode(engine: PromptEngine, image: np.ndarray, truth: Mapping[str, np
 
 
 REUSE = 1.25
-MODES: dict[str, ModeFn] = {"seed": seed_mode, "truebox": truebox_mode}
+# None: scored against a simulated follow-up, not the case's own masks (see evaluate_case)
+MODES: dict[str, ModeFn | None] = {"seed": seed_mode, "truebox": truebox_mode, "prior": None}
 
 
 @dataclass(frozen=True)
@@ -103,11 +110,25 @@ def evaluate_case(run: Run, image: np.ndarray, truth: Mapping[str, np.ndarray], 
                   cache: EncodingCache | None = None) -> list[RunScore]:
     """Scores of one run on one case (every structure of ``truth``), with the run's seconds."""
     started = time.perf_counter()
-    predicted = MODES[run.mode](run.engine, image.astype(np.float32), truth, settings,
+    mode = MODES[run.mode]
+    if mode is None:
+        return _prior_scores(run, image, truth, spacing_xyz, case_id, settings, started)
+    predicted = mode(run.engine, image.astype(np.float32), truth, settings,
                                 cache if cache is not None else EncodingCache(), seed_count)
     seconds = time.perf_counter() - started
     return [RunScore(**asdict(s), run=run.label, seconds=seconds)
             for s in score_case(predicted, dict(truth), spacing_xyz, case_id)]
+
+
+def _prior_scores(run: Run, image: np.ndarray, truth: Mapping[str, np.ndarray], spacing_xyz: Sequence[float],
+                  case_id: str, settings: PropagationSettings, started: float) -> list[RunScore]:
+    moved, found = follow_up_case(run.engine, image, truth, tuple(spacing_xyz), zlib.crc32(case_id.encode()),  # type: ignore[arg-type]
+                                  settings=settings)
+    seconds = time.perf_counter() - started
+    labels = {"fused": run.label, "propagated": f"{run.label}: propagation alone",
+              "registered": f"{run.label}: registration alone"}
+    return [RunScore(**asdict(s), run=labels[method], seconds=seconds)
+            for method, masks in found.items() for s in score_case(masks, moved, spacing_xyz, case_id)]
 
 
 def evaluate_propagation(runs: Sequence[Run], data: Sequence[Path], out_dir: Path, *,
@@ -135,7 +156,8 @@ def evaluate_propagation(runs: Sequence[Run], data: Sequence[Path], out_dir: Pat
             if progress:
                 progress(f"{case.case_id} {run.label}: mean Dice {np.mean([x.dice for x in found]):.3f} "
                          f"({found[0].seconds if found else 0:.0f} s)")
-        summaries = {r.label: summarise([x for x in scores if x.run == r.label]) for r in runs}
+        labels = dict.fromkeys([r.label for r in runs] + [x.run for x in scores])  # prior mode adds columns
+        summaries = {label: summarise([x for x in scores if x.run == label]) for label in labels}
         write_report(scores, summaries, n, seed_count, out_dir,
                      {r.label: (f"{r.engine.name} {r.engine.version}", r.mode) for r in runs})
     return summaries

@@ -20,7 +20,7 @@ from models.prompting import PromptEngine
 from models.propagate import EncodingCache, PropagationSettings, Seed, propagate
 from models.registration import key_slices
 
-__all__ = ["PriorResult", "prior_seeds", "fuse", "propagate_from_prior"]
+__all__ = ["PriorResult", "prior_seeds", "fuse", "propagate_from_prior", "follow_up_case"]
 
 
 @dataclass
@@ -72,3 +72,27 @@ def propagate_from_prior(engine: PromptEngine, image: np.ndarray, mapped: Mappin
         mask, fallback = fuse(result.mask, mapped[name], min_agreement)
         out[name] = PriorResult(mask, result.mask, fallback, result.stops)
     return out
+
+
+def follow_up_case(engine: PromptEngine, image: np.ndarray, truth: Mapping[str, np.ndarray],
+                   spacing_xyz: tuple[float, float, float], seed: int, *, deformable: bool = True, key_count: int = 3,
+                   min_agreement: float = 0.5, settings: PropagationSettings | None = None,
+                   ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """Prior mode on a simulated follow-up of one case (the evaluation): the follow-up's masks, and by method
+    (``fused``: the node's output, ``propagated``: propagation alone, ``registered``: registration alone) the
+    masks found on it from the undeformed ``image`` and ``truth``."""
+    from models.registration import map_masks, register, simulate_follow_up
+    from models.types import Volume
+
+    follow = simulate_follow_up(image, truth, spacing_xyz[::-1], seed)  # type: ignore[arg-type]
+    prior = Volume(image, spacing_xyz, (0.0, 0.0, 0.0))
+    new = Volume(follow.image, spacing_xyz, (0.0, 0.0, 0.0))
+    mapped = map_masks(truth, prior, new, register(new, prior, deformable=deformable).transform)
+    # A fresh cache: encodings of the prior image must not answer for the follow-up's slices.
+    found = propagate_from_prior(engine, follow.image.astype(np.float32), mapped, key_count=key_count,
+                                 min_agreement=min_agreement, settings=settings, cache=EncodingCache())
+    empty = {k: np.zeros(m.shape, bool) for k, m in truth.items()}
+    return follow.masks, {
+        "fused": {k: found[k].mask if k in found else empty[k] for k in truth},
+        "propagated": {k: found[k].propagated if k in found else empty[k] for k in truth},
+        "registered": mapped}

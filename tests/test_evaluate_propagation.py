@@ -86,7 +86,7 @@ def test_truebox_reuses_the_seed_runs_crops():
 
 
 def test_runs_refuse_an_unknown_mode():
-    with pytest.raises(ValueError, match="mode must be one of seed, truebox, got 'guess'"):
+    with pytest.raises(ValueError, match="mode must be one of prior, seed, truebox, got 'guess'"):
         Run("x", ThresholdEngine(), "guess")
 
 
@@ -107,6 +107,24 @@ def test_the_report_has_every_run_case_and_structure(tmp_path):
     assert summaries["blind seed"]["mean"]["dice_mean"] == pytest.approx(2 / 9)
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| Brainstem | 2 | 1.000 (0.0) | 0.222 (" in table and "zero-shot truebox: Dice (HD95 mm)" in table
+
+
+def test_prior_mode_scores_a_simulated_follow_up_beside_registration_alone(tmp_path):
+    """A bright block and a bright rod in soft tissue: the toy engine segments bright pixels perfectly, so the
+    fused result must match the moved mask at least as well as registration alone."""
+    ct = np.full((24, 64, 64), -100, np.int16)
+    block = np.zeros(ct.shape, bool)
+    block[6:18, 20:34, 16:28] = True
+    ct[block] = 300
+    ct[4:20, 44:48, 40:44] = 900  # a second, asymmetric landmark for the registration
+    np.savez_compressed(tmp_path / "case.npz", ct=ct, spacing=np.array([2.0, 1.5, 1.5]),
+                        mask_Larynx=block.astype(np.uint8))
+    summaries = evaluate_propagation([Run("toy prior", ThresholdEngine(), "prior")], [tmp_path], tmp_path / "out",
+                                     labels=HN_ORGANS)
+    assert set(summaries) == {"toy prior", "toy prior: propagation alone", "toy prior: registration alone"}
+    fused = summaries["toy prior"]["Larynx"]["dice_mean"]
+    assert fused >= summaries["toy prior: registration alone"]["Larynx"]["dice_mean"] - 0.01
+    assert fused > 0.9
 
 
 def test_comparison_table_puts_runs_side_by_side():
