@@ -376,6 +376,8 @@ def evaluate_propagation(
         seed_slices: Annotated[int, typer.Option(help="Seed slices per structure: 1 (middle) or 3.")] = 1,
         truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
                                                     "column.")] = True,
+        zero_shot: Annotated[bool, typer.Option(help="Run the engine's default weights too (off: only the "
+                                                      "checkpoints, e.g. to add a column to a finished report).")] = True,
         structure: Annotated[Optional[list[str]], typer.Option(
             help="Structure NAME or NAME=NPZNAME,... (repeat); default: the seven OpenKBP organs.")] = None,
         limit: Annotated[Optional[int], typer.Option(help="Only the first N cases.")] = None,
@@ -398,11 +400,14 @@ def evaluate_propagation(
     _setup_logging(False)
     set_thread_count(threads)
     try:
-        zero_shot = load_engine(engine)
-        runs = [Run(f"zero-shot {mode}", zero_shot, mode)]
+        default = load_engine(engine)
+        runs = [Run(f"zero-shot {mode}", default, mode)] if zero_shot else []
         runs += [Run(f"{Path(c).name} {mode}", load_engine(engine, c), mode) for c in checkpoint or []]
         if truebox and mode == "seed":  # prior mode scores a moved image: the case's true boxes do not apply
-            runs.append(Run("zero-shot truebox", zero_shot, "truebox"))
+            runs.append(Run("zero-shot truebox", default, "truebox"))
+        if not runs:
+            typer.echo("nothing to run: --no-zero-shot needs a --checkpoint", err=True)
+            raise typer.Exit(2)
         summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
                              progress=typer.echo)
     except ModelError as exc:

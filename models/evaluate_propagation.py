@@ -148,9 +148,9 @@ def evaluate_propagation(runs: Sequence[Run], data: Sequence[Path], out_dir: Pat
     for n, path in enumerate(paths, 1):
         case = read_npz(path, labels)
         truth = {lab.name: case.masks[c] > 0 for c, lab in enumerate(labels) if case.present[c]}
-        caches: dict[int, EncodingCache] = {}  # runs of one engine share its encodings of this case
+        caches: dict[object, EncodingCache] = {}  # runs of one image encoder share its encodings of this case
         for run in runs:
-            cache = caches.setdefault(id(run.engine), EncodingCache(capacity=256))
+            cache = caches.setdefault(getattr(run.engine, "encoder_id", id(run.engine)), EncodingCache(capacity=384))
             found = evaluate_case(run, case.image, truth, case.spacing_xyz, case.case_id, s, seed_count, cache)
             scores += found
             if progress:

@@ -65,7 +65,7 @@ def _export_onnx(encoder: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def _onnx_encoder(encoder: torch.nn.Module) -> Any:
+def _onnx_encoder(encoder: torch.nn.Module, key: str) -> Any:
     """An ONNX Runtime session running ``encoder`` on one (1, 3, 256, 256) image. The export takes tens of
     seconds on a busy 2-core CPU, so the graph is kept in a cache folder keyed by the weights' SHA-256
     (``$DICOM_NODE_CACHE``, default ``~/.cache/dicom-node``); an unwritable cache only costs the export."""
@@ -74,7 +74,7 @@ def _onnx_encoder(encoder: torch.nn.Module) -> Any:
 
     import onnxruntime as ort
 
-    path = _onnx_cache_dir() / f"tinyvit-{_encoder_key(encoder)}.onnx"
+    path = _onnx_cache_dir() / f"tinyvit-{key}.onnx"
     try:
         graph = path.read_bytes()
     except OSError:
@@ -155,8 +155,11 @@ class LiteMedSamEngine:
         self.net = net.to(device).eval()
         self.version = version
         self.device = device
+        # Same id = same image encoder weights = same embeddings: fine-tuned packages keep the encoder frozen, so
+        # an evaluation shares one encoding cache between them and the zero-shot engine.
+        self.encoder_id = _encoder_key(self.net.image_encoder)
         use_ort = backend == "onnxruntime" or (backend == "auto" and device == "cpu" and _has_onnxruntime())
-        self._session = _onnx_encoder(self.net.image_encoder) if use_ort else None
+        self._session = _onnx_encoder(self.net.image_encoder, self.encoder_id) if use_ort else None
         self.backend = "onnxruntime" if use_ort else "torch"
 
     @classmethod
