@@ -1,0 +1,159 @@
+"""Prior-study mode on simulated follow-up scans of OpenKBP head-and-neck CT (zero-shot LiteMedSAM unless
+--checkpoint).
+
+    nice -n 19 .venv/bin/python bench/prior.py [--split validation] [--patients 0 1 2] [--threads 2]
+        [--rigid] [--key-slices 3] [--csv runs/prior.csv]
+    .venv/bin/python bench/prior.py --summarise runs/prior-a.csv runs/prior-b.csv   # the table of earlier runs
+
+For each patient, a follow-up scan is simulated from the real CT and its seven organ masks
+(``models.registration.simulate_follow_up``, seed = the patient's index in the split: a B-spline deformation
+with control points moved up to 6 mm, a rotation up to 4 degrees about each axis and a shift up to 8 mm per
+axis). The undeformed prior CT is registered to it (rigid, then B-spline unless --rigid), the prior masks are
+mapped, and prior mode runs as in the node (``models.prior.propagate_from_prior``: key slices, extent bound,
+fusion). Every method is scored against the *moved* masks (Dice, HD95 in mm):
+
+    unmoved      the prior masks as they are (how far the simulated motion moved the organs)
+    registered   registration alone (the mapped prior masks)
+    propagated   propagation alone from the mapped key slices (no fallback)
+    fused@T      the node's output with min_agreement = T (0.5 is the default); fused@1 = registered
+
+Seconds per case: simulation, registration, propagation. Figures depend on the machine's load (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OPENKBP = ROOT.parent / "shared" / "data" / "openkbp"
+ORGANS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
+AGREEMENT = (0.0, 0.3, 0.5, 0.7)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--patients", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rigid", action="store_true", help="rigid registration only (no B-spline)")
+    parser.add_argument("--key-slices", type=int, default=3)
+    parser.add_argument("--checkpoint", default=None, help="fine-tuned model package (name or folder)")
+    parser.add_argument("--csv", type=Path, default=None, help="append one row per case, organ and method")
+    parser.add_argument("--summarise", type=Path, nargs="+", default=None, help="only print the table of CSVs")
+    args = parser.parse_args()
+    if args.summarise:
+        return summarise(args.summarise)
+
+    import SimpleITK as sitk
+    import torch
+
+    from models.evaluate import structure_metrics
+    from models.prior import fuse, propagate_from_prior
+    from models.prompting import load_engine
+    from models.registration import map_masks, register, simulate_follow_up
+    from models.types import Volume
+
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(args.threads)
+    engine = load_engine("litemedsam", args.checkpoint)
+    paths = sorted((OPENKBP / args.split).glob("*.npz"))
+    print(f"engine {engine.name} {engine.version}; threads {args.threads}; registration "
+          f"{'rigid' if args.rigid else 'rigid + B-spline'}; key slices {args.key_slices}; "
+          f"load average at start {os.getloadavg()[0]:.1f}; split {args.split}", flush=True)
+    rows: list[dict] = []
+    writer = None
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        handle = args.csv.open("a", newline="")
+        writer = csv.DictWriter(handle, ["case", "organ", "method", "dice", "hd95_mm", "registration"])
+    for index in args.patients:
+        with np.load(paths[index]) as data:
+            ct = data["ct"]
+            masks = {o: data[f"mask_{o}"].astype(bool) for o in ORGANS
+                     if f"mask_{o}" in data.files and data[f"mask_{o}"].any()}
+            spacing_zyx = tuple(float(v) for v in data["spacing"])
+        t0 = time.perf_counter()
+        follow = simulate_follow_up(ct, masks, spacing_zyx, seed=index)
+        spacing = spacing_zyx[::-1]
+        prior, new = Volume(ct, spacing, (0.0, 0.0, 0.0)), Volume(follow.image, spacing, (0.0, 0.0, 0.0))
+        t1 = time.perf_counter()
+        registration = register(new, prior, deformable=not args.rigid)
+        mapped = map_masks(masks, prior, new, registration.transform)
+        t2 = time.perf_counter()
+        results = propagate_from_prior(engine, follow.image.astype(np.float32), mapped, key_count=args.key_slices,
+                                       min_agreement=0.5)
+        t3 = time.perf_counter()
+        line = []
+        for organ, truth in follow.masks.items():
+            if not truth.any():
+                continue
+            empty = np.zeros_like(truth)
+            propagated = results[organ].propagated if organ in results else empty
+            candidates = {"unmoved": masks[organ], "registered": mapped[organ], "propagated": propagated}
+            for t in AGREEMENT:
+                candidates[f"fused@{t:g}"] = fuse(propagated, mapped[organ], t)[0]
+            for method, mask in candidates.items():
+                dice, hd95, _ = structure_metrics(mask, truth, spacing)
+                row = {"case": paths[index].stem, "organ": organ, "method": method, "dice": round(dice, 4),
+                       "hd95_mm": round(hd95, 2), "registration": "rigid" if args.rigid else "bspline"}
+                rows.append(row)
+                if writer:
+                    writer.writerow(row)
+            line.append(f"{organ[:6]} reg={dice_of(rows, organ, 'registered', paths[index].stem):.2f} "
+                        f"prop={dice_of(rows, organ, 'propagated', paths[index].stem):.2f} "
+                        f"fused={dice_of(rows, organ, 'fused@0.5', paths[index].stem):.2f}")
+        if writer:
+            handle.flush()
+        print(f"{paths[index].stem}: simulate {t1 - t0:.0f} s, register {t2 - t1:.0f} s, propagate {t3 - t2:.0f} s; "
+              f"motion shift {np.round(follow.shift_mm, 1).tolist()} mm, rotation "
+              f"{np.round(follow.rotation_deg, 1).tolist()} deg; " + "; ".join(line), flush=True)
+    print_table(rows, f"{len(args.patients)} {args.split} patients")
+    print(f"(load average at end {os.getloadavg()[0]:.1f})")
+
+
+def print_table(rows: list[dict], what: str) -> None:
+    """Mean Dice / HD95 per organ and method, and the mean of the per-organ means."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print(f"\nmean over {what}: Dice / HD95 mm (HD95 over finite values)")
+    print(f"{'organ':14s}" + "".join(f"{m:>18s}" for m in methods))
+    for organ in ORGANS + ("mean",):
+        cells = []
+        for method in methods:
+            picked = [r for r in rows if r["method"] == method and (organ == "mean" or r["organ"] == organ)]
+            if organ == "mean":  # mean of per-organ means
+                per = [[r for r in picked if r["organ"] == o] for o in ORGANS]
+                d = np.mean([np.mean([r["dice"] for r in p]) for p in per if p]) if picked else np.nan
+                h = np.nanmean([np.mean([r["hd95_mm"] for r in p if np.isfinite(r["hd95_mm"])] or [np.nan])
+                                for p in per if p]) if picked else np.nan
+            else:
+                d = np.mean([r["dice"] for r in picked]) if picked else np.nan
+                h = np.mean([r["hd95_mm"] for r in picked if np.isfinite(r["hd95_mm"])] or [np.nan])
+            cells.append(f"{d:.3f} / {h:4.1f}" + (f" n={len(picked)}" if organ != "mean" else ""))
+        print(f"{organ:14s}" + "".join(f"{c:>18s}" for c in cells))
+
+
+def summarise(paths: list[Path]) -> None:
+    """The table from CSV files of earlier runs (e.g. patients split over two processes)."""
+    rows = []
+    for path in paths:
+        with path.open() as handle:
+            for row in csv.DictReader(handle, ["case", "organ", "method", "dice", "hd95_mm", "registration"]):
+                rows.append({**row, "dice": float(row["dice"]), "hd95_mm": float(row["hd95_mm"])})
+    cases = sorted({r["case"] for r in rows})
+    print_table(rows, f"{len(cases)} patients ({', '.join(cases)})")
+
+
+def dice_of(rows: list[dict], organ: str, method: str, case: str) -> float:
+    return next(r["dice"] for r in rows if r["organ"] == organ and r["method"] == method and r["case"] == case)
+
+
+if __name__ == "__main__":
+    main()
