@@ -55,7 +55,6 @@ def main() -> None:
     import SimpleITK as sitk
     import torch
 
-    from models.evaluate import structure_metrics
     from models.prior import fuse, propagate_from_prior
     from models.prompting import load_engine
     from models.registration import map_masks, register, simulate_follow_up
@@ -101,7 +100,7 @@ def main() -> None:
             for t in AGREEMENT:
                 candidates[f"fused@{t:g}"] = fuse(propagated, mapped[organ], t)[0]
             for method, mask in candidates.items():
-                dice, hd95, _ = structure_metrics(mask, truth, spacing)
+                dice, hd95 = metrics(mask, truth, spacing)
                 row = {"case": paths[index].stem, "organ": organ, "method": method, "dice": round(dice, 4),
                        "hd95_mm": round(hd95, 2), "registration": "rigid" if args.rigid else "bspline"}
                 rows.append(row)
@@ -117,6 +116,26 @@ def main() -> None:
               f"{np.round(follow.rotation_deg, 1).tolist()} deg; " + "; ".join(line), flush=True)
     print_table(rows, f"{len(args.patients)} {args.split} patients")
     print(f"(load average at end {os.getloadavg()[0]:.1f})")
+
+
+def metrics(pred: np.ndarray, truth: np.ndarray, spacing_xyz) -> tuple[float, float]:
+    """(Dice, HD95 mm) on the two masks' bounding box: the same definitions as models.evaluate.structure_metrics
+    (HD95 = the larger of the two directed 95th-percentile surface distances; inf for an empty prediction), but
+    MONAI computes distances over the whole 128^3 grid, ~35 s per pair on this loaded CPU."""
+    from scipy import ndimage as ndi
+
+    total = int(pred.sum()) + int(truth.sum())
+    dice = 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+    if not pred.any() or not truth.any():
+        return dice, float("inf")
+    both = pred | truth
+    box = tuple(slice(max(int(i.min()) - 2, 0), int(i.max()) + 3) for i in np.nonzero(both))
+    p, t = pred[box], truth[box]
+    sampling = tuple(float(v) for v in spacing_xyz[::-1])
+    edge_p, edge_t = p & ~ndi.binary_erosion(p), t & ~ndi.binary_erosion(t)
+    to_t = ndi.distance_transform_edt(~edge_t, sampling=sampling)
+    to_p = ndi.distance_transform_edt(~edge_p, sampling=sampling)
+    return dice, float(max(np.percentile(to_t[edge_p], 95), np.percentile(to_p[edge_t], 95)))
 
 
 def print_table(rows: list[dict], what: str) -> None:
