@@ -256,6 +256,7 @@ class PackageInfo:
     path: Path
     labels: tuple[str, ...]
     error: str | None = None
+    architecture: str = "?"
 
 
 def search_dirs(extra: list[Path] | None = None) -> list[Path]:
@@ -276,7 +277,8 @@ def list_packages(extra_dirs: list[Path] | None = None, *, verify: bool = False)
         for child in sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file()):
             try:
                 m = load_package(child, verify=verify).manifest
-                found.append(PackageInfo(m.name, m.version, child, tuple(m.label_names)))
+                found.append(PackageInfo(m.name, m.version, child, tuple(m.label_names),
+                                         architecture=m.architecture.name))
             except ModelPackageError as exc:
                 found.append(PackageInfo(child.name, "?", child, (), error=str(exc)))
     return found

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from models.errors import ModelInputError, ModelPackageError
+from models.networks import NETWORKS
 from models.organs import cached_network, resolve_device, segment_volume
 from models.package import find_package, list_packages
 from models.types import StructureSet
@@ -47,6 +48,12 @@ class OrgansParams(PipelineParams):
             raise ValueError(f"no model package named {name!r}; installed: {known}")
         if all(p.error for p in found):
             raise ValueError(found[0].error)
+        usable = [p for p in found if p.error is None]
+        if usable and all(p.architecture not in NETWORKS for p in usable):
+            # e.g. a fine-tuned LiteMedSAM package: a prompt engine for `propagate`, not an organ network
+            raise ValueError(f"model package {name!r} is a {usable[0].architecture!r} model, not an organ "
+                             f"segmentation network ({', '.join(sorted(NETWORKS))}); use it with the propagate "
+                             f"pipeline's checkpoint parameter")
         return name
 
 

@@ -143,6 +143,10 @@ def test_rules_naming_an_unknown_model_are_refused():
 
     with pytest.raises(PipelineParamsError, match="model: .*no model package named 'nope'"):
         validate_params(load_pipeline("organs"), {"model": "nope"})
+    # the shipped fine-tuned LiteMedSAM is a prompt engine for `propagate`, not an organ network
+    with pytest.raises(PipelineParamsError, match="'hn-litemedsam' is a 'litemedsam' model, not an organ"):
+        validate_params(load_pipeline("organs"), {"model": "hn-litemedsam"})
+    assert validate_params(load_pipeline("organs"), {"model": "hn-oar"}).model == "hn-oar"
 
 
 def test_a_package_damaged_while_the_node_runs_fails_its_job_clearly(make_node, package, openkbp_series, tmp_path,
