@@ -44,7 +44,7 @@ class PropagateParams(PipelineParams):
     key_slices: int = Field(3, ge=1, le=9, description="source: prior: slices of each mapped ROI that prompt "
                             "propagation (1: the middle; 3: 1/4, 1/2, 3/4 of its extent).")
     min_agreement: float = Field(
-        0.5, ge=0, le=1, description="source: prior: a propagated slice whose Dice with the registered contour "
+        0.9, ge=0, le=1, description="source: prior: a propagated slice whose Dice with the registered contour "
         "is below this is replaced by the registered slice (1: registration only; 0: propagation wherever it "
         "reached).")
     structures: list[str] | None = Field(
