@@ -156,8 +156,8 @@ def evaluate_propagation(runs: Sequence[Run], data: Sequence[Path], out_dir: Pat
             if progress:
                 progress(f"{case.case_id} {run.label}: mean Dice {np.mean([x.dice for x in found]):.3f} "
                          f"({found[0].seconds if found else 0:.0f} s)")
-        labels = dict.fromkeys([r.label for r in runs] + [x.run for x in scores])  # prior mode adds columns
-        summaries = {label: summarise([x for x in scores if x.run == label]) for label in labels}
+        columns = dict.fromkeys([r.label for r in runs] + [x.run for x in scores])  # prior mode adds columns
+        summaries = {label: summarise([x for x in scores if x.run == label]) for label in columns}
         write_report(scores, summaries, n, seed_count, out_dir,
                      {r.label: (f"{r.engine.name} {r.engine.version}", r.mode) for r in runs})
     return summaries
