@@ -23,9 +23,9 @@ from pipeline_checks import dciodvfy_errors, dice, plastimatch_masks, save
 
 # Measured through this node on this slab (zero-shot LiteMedSAM, deterministic): Parotid_R from 1 seed slice
 # 0.442, CTV_test (the left parotid) from 3 seed slices 0.514, after the RTSTRUCT round trip (rasterised seed,
-# contours back, plastimatch). Offline, dicom-node evaluate-propagation gives the parotids 0.4-0.6 in seed mode
-# (README, "Tumour pipeline"): zero-shot LiteMedSAM is weak on 4-5 mm head-and-neck CT. The thresholds sit just
-# under the measured values; a chain that returns only the seed slices scores ~0.1 and ~0.3.
+# contours back, plastimatch). Zero-shot LiteMedSAM is weak on 4-5 mm head-and-neck CT, and on whole volumes far
+# worse than here (README, "Tumour pipeline": fronts leak past the organ; the slab's ends stop them). The
+# thresholds sit just under the measured values; a chain that returns only the seed slices scores ~0.1 and ~0.3.
 MIN_DICE = {"Parotid_R": 0.40, "CTV_test": 0.45}
 
 RULES = """rules:
