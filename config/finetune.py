@@ -11,11 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from config.node import ConfigError
-from config.training import LabelConfig
+from config.training import LabelConfig, load_run_config
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetunePackage", "PromptMix", "load_finetune_config"]
 
@@ -112,24 +110,4 @@ class FinetuneConfig(_Strict):
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
     """Read and validate a fine-tuning YAML; relative paths are taken relative to the file's folder."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc}"]) from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), [f"top level must be a mapping, got {type(raw).__name__}"])
-    try:
-        cfg = FinetuneConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(
-            str(path), [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
-        ) from exc
-    base = path.resolve().parent
-
-    def rel(p: Path) -> Path:
-        return p if p.is_absolute() else base / p
-
-    data = cfg.data.model_copy(
-        update={"train_dirs": [rel(p) for p in cfg.data.train_dirs], "val_dirs": [rel(p) for p in cfg.data.val_dirs]})
-    return cfg.model_copy(update={"data": data, "output_dir": rel(cfg.output_dir)})
+    return load_run_config(path, FinetuneConfig)

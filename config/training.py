@@ -7,12 +7,14 @@ at start-up with its key path. See ``config/train.example.yaml``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from config.node import ConfigError
+
+RunConfigT = TypeVar("RunConfigT", bound=BaseModel)
 
 __all__ = [
     "AugmentConfig",
@@ -136,8 +138,9 @@ class TrainingConfig(_Strict):
         return self
 
 
-def load_training_config(path: str | Path) -> TrainingConfig:
-    """Read and validate a training YAML; relative paths are taken relative to the file's folder."""
+def load_run_config(path: str | Path, model: type[RunConfigT]) -> RunConfigT:
+    """Read and validate a training-run YAML (``model``: a config with ``data.train_dirs``/``val_dirs`` and
+    ``output_dir``); relative paths are taken relative to the file's folder."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -146,7 +149,7 @@ def load_training_config(path: str | Path) -> TrainingConfig:
     if not isinstance(raw, dict):
         raise ConfigError(str(path), [f"top level must be a mapping, got {type(raw).__name__}"])
     try:
-        cfg = TrainingConfig.model_validate(raw)
+        cfg = model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
             str(path), [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
@@ -156,7 +159,13 @@ def load_training_config(path: str | Path) -> TrainingConfig:
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else base / p
 
-    data = cfg.data.model_copy(
-        update={"train_dirs": [rel(p) for p in cfg.data.train_dirs], "val_dirs": [rel(p) for p in cfg.data.val_dirs]}
+    data = cfg.data.model_copy(  # type: ignore[attr-defined]
+        update={"train_dirs": [rel(p) for p in cfg.data.train_dirs],  # type: ignore[attr-defined]
+                "val_dirs": [rel(p) for p in cfg.data.val_dirs]}  # type: ignore[attr-defined]
     )
-    return cfg.model_copy(update={"data": data, "output_dir": rel(cfg.output_dir)})
+    return cfg.model_copy(update={"data": data, "output_dir": rel(cfg.output_dir)})  # type: ignore[attr-defined]
+
+
+def load_training_config(path: str | Path) -> TrainingConfig:
+    """Read and validate a training YAML; relative paths are taken relative to the file's folder."""
+    return load_run_config(path, TrainingConfig)
