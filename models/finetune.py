@@ -44,6 +44,7 @@ from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_r
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
                               logits_to_native, normalise)
+from models.train import training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
            "segmentation_loss", "native_dice", "build_cache", "validate", "finetune"]
@@ -284,14 +285,6 @@ class FinetuneResult:
     best: dict[str, Any] | None
 
 
-def _device(cfg: FinetuneConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {cfg.device!r} requested but CUDA is not available")
-    return cfg.device
-
-
 def _freeze_all_but(net: torch.nn.Module, parts: Sequence[str]) -> list[torch.nn.Parameter]:
     for p in net.parameters():
         p.requires_grad_(False)
@@ -386,7 +379,7 @@ def _progress(cfg: FinetuneConfig, iterable: Iterable[Any], desc: str) -> Any:
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Cache the crops' embeddings, then train (or resume) as configured; writes the run folder and the package."""
-    device = _device(cfg)
+    device = training_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from config.training import TrainingConfig
 from models.data import KeyMap, LabelSource, find_cases, read_npz
-from models.errors import TrainingError
+from models.errors import ModelInputError, TrainingError
 from models.networks import build_network
-from models.organs import normalise, resample
+from models.organs import normalise, resample, resolve_device
 from models.package import Intensity, Manifest, ModelPackage, write_package
 
 __all__ = ["PreparedCase", "TrainResult", "manifest_fields", "masked_loss", "prepare_case", "train"]
@@ -243,12 +243,12 @@ def manifest_fields(cfg: TrainingConfig, summary: dict[str, Any], metrics: dict[
     }
 
 
-def _device(cfg: TrainingConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {cfg.device!r} requested but CUDA is not available")
-    return cfg.device
+def training_device(choice: str) -> str:
+    """The torch device of a training run: :func:`models.organs.resolve_device`, failing as a training error."""
+    try:
+        return resolve_device(choice)
+    except ModelInputError as exc:
+        raise TrainingError(str(exc)) from exc
 
 
 def _plot_curve(history: list[dict[str, Any]], path: Path) -> None:
@@ -305,7 +305,7 @@ def _batch(
 
 def train(cfg: TrainingConfig) -> TrainResult:
     """Run (or resume) training as configured; writes the run folder and returns the model package."""
-    device = _device(cfg)
+    device = training_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
