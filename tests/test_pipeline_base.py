@@ -121,7 +121,8 @@ def test_public_api_is_what_we_intend():
     import pipeline.volume
 
     assert set(base.__all__) == {"ENTRY_POINT_GROUP", "PipelineParams", "PipelineInput", "Pipeline",
-                                 "available_pipelines", "load_pipeline", "validate_params", "run_pipeline"}
+                                 "available_pipelines", "load_pipeline", "validate_params", "run_pipeline",
+                                 "PriorStudy", "load_prior"}  # PipelineInput.prior: the earlier study (source: prior)
     assert pipeline.rtstruct.__all__ == ["build_rtstruct", "format_ds"]
     assert pipeline.seg.__all__ == ["build_seg", "segment_description"]
     for module in (base, pipeline.contours, pipeline.errors, pipeline.rtstruct, pipeline.seg, pipeline.volume):
