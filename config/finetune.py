@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from config.training import LabelConfig, load_run_config
+from config.training import LabelConfig, NpzData, load_run_config
 
 __all__ = ["FinetuneConfig", "FinetuneData", "FinetunePackage", "PromptMix", "load_finetune_config"]
 
@@ -22,20 +22,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FinetuneData(_Strict):
-    train_dirs: list[Path] = Field(min_length=1, description="Folders of training NPZ cases (*.npz).")
-    val_dirs: list[Path] = Field(default_factory=list, description="Folders of validation NPZ cases (model selection).")
-    image_keys: list[str] = Field(
-        ["image", "ct"], min_length=1, description="NPZ keys tried in order for the image (HU, (Z, Y, X)).")
-    spacing_key: str = Field("spacing", description="NPZ key of the voxel spacing (mm).")
-    spacing_order: Literal["zyx", "xyz"] = Field(
-        "zyx", description="Order of the spacing array: OpenKBP stores (sz, sy, sx) = 'zyx'.")
-    mask_prefix: str = Field("mask_", description="Binary masks are stored as <prefix><structure name>.")
-    label_map_key: str = Field(
-        "labels", description="Alternative to masks: an integer label map under this key (value v = name table[v]).")
-    label_names_key: str = Field("label_names", description="NPZ key of the name table for the label map.")
-    max_train_cases: int | None = Field(None, ge=1, description="Use only the first N training cases.")
-    max_val_cases: int | None = Field(None, ge=1, description="Use only the first N validation cases.")
+class FinetuneData(NpzData):
     slices_per_structure: int = Field(
         4, ge=1, le=256, description="Training slices drawn per structure per case (each is one encoded crop).")
     val_slices_per_structure: int = Field(

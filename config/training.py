@@ -31,7 +31,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(_Strict):
+class NpzData(_Strict):
+    """Where NPZ cases are and how they are read; shared by organ training and prompt-engine fine-tuning."""
+
     train_dirs: list[Path] = Field(min_length=1, description="Folders of training NPZ cases (*.npz).")
     val_dirs: list[Path] = Field(default_factory=list, description="Folders of validation NPZ cases (model selection).")
     image_keys: list[str] = Field(
@@ -45,6 +47,9 @@ class DataConfig(_Strict):
     label_names_key: str = Field("label_names", description="NPZ key of the name table for the label map.")
     max_train_cases: int | None = Field(None, ge=1, description="Use only the first N training cases (tests, tries).")
     max_val_cases: int | None = Field(None, ge=1, description="Use only the first N validation cases.")
+
+
+class DataConfig(NpzData):
     workers: int = Field(1, ge=1, le=64, description="Processes that load and resample cases.")
 
 
