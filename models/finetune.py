@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from config.finetune import FinetuneConfig, PromptMix
-from models.data import KeyMap, LabelSource, find_cases, read_npz
+from models.data import KeyMap, LabelSource, read_npz
 from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
                               logits_to_native, normalise)
-from models.train import training_device
+from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
            "segmentation_loss", "native_dice", "build_cache", "validate", "finetune"]
@@ -169,8 +169,7 @@ def _labels(cfg: FinetuneConfig) -> list[LabelSource]:
 
 
 def _keymap(cfg: FinetuneConfig) -> KeyMap:
-    d = cfg.data
-    return KeyMap(tuple(d.image_keys), d.spacing_key, d.spacing_order, d.mask_prefix, d.label_map_key, d.label_names_key)
+    return npz_keymap(cfg.data)
 
 
 def _fingerprint(items: Sequence[CropItem], base_sha: str) -> str:
@@ -385,10 +384,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    train_paths = find_cases(cfg.data.train_dirs)[: cfg.data.max_train_cases]
-    val_paths = find_cases(cfg.data.val_dirs)[: cfg.data.max_val_cases] if cfg.data.val_dirs else []
-    if not train_paths:
-        raise TrainingError(f"no *.npz cases in {cfg.data.train_dirs}")
+    train_paths, val_paths = run_case_paths(cfg.data)
     engine = LiteMedSamEngine.load(None, device)
     train, train_stats = build_cache(train_paths, "train", out, cfg, engine, cfg.data.slices_per_structure,
                                       cfg.data.neighbour_window_fraction)

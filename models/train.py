@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config.training import TrainingConfig
+from config.training import NpzData, TrainingConfig
 from models.data import KeyMap, LabelSource, find_cases, read_npz
 from models.errors import ModelInputError, TrainingError
 from models.networks import build_network
@@ -64,9 +64,22 @@ def _label_sources(cfg: TrainingConfig) -> list[LabelSource]:
     return [LabelSource(lab.name, tuple(lab.source_names)) for lab in cfg.labels]
 
 
-def _keymap(cfg: TrainingConfig) -> KeyMap:
-    d = cfg.data
+def npz_keymap(d: NpzData) -> KeyMap:
+    """How the configured NPZ cases name their arrays."""
     return KeyMap(tuple(d.image_keys), d.spacing_key, d.spacing_order, d.mask_prefix, d.label_map_key, d.label_names_key)
+
+
+def _keymap(cfg: TrainingConfig) -> KeyMap:
+    return npz_keymap(cfg.data)
+
+
+def run_case_paths(d: NpzData) -> tuple[list[Path], list[Path]]:
+    """The training and validation NPZ files of a run (``max_*_cases`` applied); no training case is an error."""
+    train_paths = find_cases(d.train_dirs)[: d.max_train_cases]
+    val_paths = find_cases(d.val_dirs)[: d.max_val_cases] if d.val_dirs else []
+    if not train_paths:
+        raise TrainingError(f"no *.npz cases in {d.train_dirs}")
+    return train_paths, val_paths
 
 
 def prepare_case(path: Path, cfg: TrainingConfig, max_foreground: int = 4000) -> PreparedCase:
@@ -311,10 +324,7 @@ def train(cfg: TrainingConfig) -> TrainResult:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    train_paths = find_cases(cfg.data.train_dirs)[: cfg.data.max_train_cases]
-    val_paths = find_cases(cfg.data.val_dirs)[: cfg.data.max_val_cases] if cfg.data.val_dirs else []
-    if not train_paths:
-        raise TrainingError(f"no *.npz cases in {cfg.data.train_dirs}")
+    train_paths, val_paths = run_case_paths(cfg.data)
     t0 = time.monotonic()
     train_cases = [c for c in _prepare_all(train_paths, cfg) if c.present.any()]
     val_cases = _prepare_all(val_paths, cfg)
