@@ -46,7 +46,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def run_mode(mode: str, engine, ct: np.ndarray, masks: dict[str, np.ndarray], settings) -> tuple[dict, float, int]:
+def run_mode(mode: str, engine, ct: np.ndarray, masks: dict[str, np.ndarray], settings,
+             spacing_xyz=None) -> tuple[dict, float, int]:
     from models.propagate import EncodingCache, Seed, propagate, segment_slices
 
     cache = EncodingCache(capacity=512)
@@ -56,7 +57,7 @@ def run_mode(mode: str, engine, ct: np.ndarray, masks: dict[str, np.ndarray], se
     else:
         count = int(mode.removeprefix("seed"))
         seeds = {k: Seed({z: m[z] for z in seed_slices(m, count)}) for k, m in masks.items()}
-        found = {k: r.mask for k, r in propagate(engine, ct, seeds, settings, cache).items()}
+        found = {k: r.mask for k, r in propagate(engine, ct, seeds, settings, cache, spacing_xyz).items()}
     seconds = time.perf_counter() - started
     return {k: dice(found[k], masks[k]) for k in masks}, seconds, cache.misses
 
@@ -69,6 +70,9 @@ def parse_overrides(items: list[str], settings):
         if key not in kinds:
             raise SystemExit(f"--set {key}: unknown setting; known: {', '.join(sorted(kinds))}")
         kind = kinds[key]
+        if value.lower() == "none":
+            changes[key] = None
+            continue
         changes[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else (
             tuple(float(v) for v in value.split(",")) if kind is tuple else kind(value))
     return replace(settings, **changes)
@@ -101,9 +105,10 @@ def main() -> None:
         for index in args.patients:
             with np.load(paths[index]) as data:
                 ct = data["ct"].astype(np.float32)
+                spacing_xyz = tuple(float(v) for v in data["spacing"][::-1])
                 masks = {o: data[f"mask_{o}"].astype(bool) for o in ORGANS
                          if f"mask_{o}" in data.files and data[f"mask_{o}"].any()}
-            found, took, encodings = run_mode(mode, engine, ct, masks, settings)
+            found, took, encodings = run_mode(mode, engine, ct, masks, settings, spacing_xyz)
             seconds[mode].append(took)
             for organ, value in found.items():
                 scores[mode][organ].append(value)

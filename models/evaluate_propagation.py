@@ -50,9 +50,10 @@ HN_ORGANS = (
     LabelSource("Esophagus"), LabelSource("Larynx"), LabelSource("Bone_Mandible", ("Mandible",)),
 )
 
-# mode(engine, image (Z, Y, X) HU, truth by structure, settings, cache, seed slice count) -> predicted masks
-ModeFn = Callable[[PromptEngine, np.ndarray, Mapping[str, np.ndarray], PropagationSettings, EncodingCache, int],
-                  dict[str, np.ndarray]]
+# mode(engine, image (Z, Y, X) HU, truth by structure, settings, cache, seed slice count, spacing (x, y, z) mm)
+# -> predicted masks
+ModeFn = Callable[[PromptEngine, np.ndarray, Mapping[str, np.ndarray], PropagationSettings, EncodingCache, int,
+                   Sequence[float]], dict[str, np.ndarray]]
 
 
 def seed_slices(mask: np.ndarray, count: int = 1) -> list[int]:
@@ -69,13 +70,14 @@ def seed_slices(mask: np.ndarray, count: int = 1) -> list[int]:
 
 
 def seed_mode(engine: PromptEngine, image: np.ndarray, truth: Mapping[str, np.ndarray], settings: PropagationSettings,
-              cache: EncodingCache, count: int) -> dict[str, np.ndarray]:
+              cache: EncodingCache, count: int, spacing_xyz: Sequence[float]) -> dict[str, np.ndarray]:
     seeds = {k: Seed({z: m[z] for z in seed_slices(m, count)}) for k, m in truth.items()}
-    return {k: r.mask for k, r in propagate(engine, image, seeds, settings, cache).items()}
+    return {k: r.mask for k, r in propagate(engine, image, seeds, settings, cache, spacing_xyz).items()}
 
 
 def truebox_mode(engine: PromptEngine, image: np.ndarray, truth: Mapping[str, np.ndarray],
-                 settings: PropagationSettings, cache: EncodingCache, count: int) -> dict[str, np.ndarray]:
+                 settings: PropagationSettings, cache: EncodingCache, count: int,
+                 spacing_xyz: Sequence[float]) -> dict[str, np.ndarray]:
     # Crops an earlier run of the same engine encoded around the true box are reused (within 1.25x the ideal
     # crop's side): the upper bound costs about half as much after a seed run.
     return {k: segment_slices(engine, image, m, settings, cache, reuse=REUSE) for k, m in truth.items()}
@@ -114,7 +116,7 @@ def evaluate_case(run: Run, image: np.ndarray, truth: Mapping[str, np.ndarray], 
     if mode is None:
         return _prior_scores(run, image, truth, spacing_xyz, case_id, settings, started)
     predicted = mode(run.engine, image.astype(np.float32), truth, settings,
-                                cache if cache is not None else EncodingCache(), seed_count)
+                                cache if cache is not None else EncodingCache(), seed_count, spacing_xyz)
     seconds = time.perf_counter() - started
     return [RunScore(**asdict(s), run=run.label, seconds=seconds)
             for s in score_case(predicted, dict(truth), spacing_xyz, case_id)]

@@ -56,6 +56,10 @@ class PropagateParams(PipelineParams):
                                      "below this fraction of its seed's.")
     max_growth: float = Field(2.0, gt=1, description="Stop a direction when the area grows more than this "
                               "factor from one slice to the next (leak into a neighbour).")
+    max_travel: float | None = Field(
+        1.0, gt=0, description="source: seed: beyond the outermost seed slice, stop after this many times the "
+        "seed's equivalent diameter (a size prior: past a structure's end the engine keeps finding something); "
+        "null: no limit. Seed a long structure on its first and last slices instead of raising this.")
 
     def needs_prior_study(self) -> bool:
         return self.source == "prior"
@@ -104,9 +108,11 @@ class PropagatePipeline:
         if not rois:
             raise SeedError(f"the {len(data.structure_sets)} structure set(s) of this series hold no contoured ROI")
         engine = load_engine(p.engine, p.checkpoint)
-        settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth)
+        settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
+                                       max_travel=p.max_travel)
         seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
-        results = propagate(engine, data.volume.array.astype("float32"), seeds, settings)
+        results = propagate(engine, data.volume.array.astype("float32"), seeds, settings,
+                            spacing_xyz=data.volume.spacing)
         structures = tuple(
             Structure(name=r.name, mask=results[r.name].mask, color=r.color, roi_type=r.roi_type,
                       algorithm=engine.name, algorithm_version=engine.version) for r in rois)

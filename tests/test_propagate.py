@@ -10,7 +10,7 @@ from factories import load_openkbp
 from models.errors import EngineError, ModelInputError
 from models.propagate import (
     CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
-    keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, region_from_clicks, stop_reason,
+    keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach, region_from_clicks, stop_reason,
 )
 from pipeline_checks import dice
 
@@ -124,6 +124,20 @@ def test_fronts_between_seeds_meet_in_the_middle_and_respect_the_extent():
                                                                  (17, 1, 29)]
     assert plan_fronts("x", Seed({10: m, 11: m}, extent=(8, 11)), 30) == [(10, -1, 8)]
     assert plan_fronts("x", Seed({5: np.zeros((4, 4), bool)}), 30) == []
+
+
+def test_outward_fronts_reach_as_far_as_the_seed_is_wide():
+    disc = np.hypot(*np.mgrid[-10:11, -10:11]) <= 5  # 81 px: a disc of diameter ~10 px
+    # 4 mm pixels, 2.5 mm slices: diameter ~40.6 mm -> 16 slices at max_travel 1, 8 at 0.5
+    assert reach(disc, (4.0, 4.0, 2.5), 1.0) == 16
+    assert reach(disc, (4.0, 4.0, 2.5), 0.5) == 8
+    assert reach(disc[:1], (4.0, 4.0, 2.5), 1.0) == 1  # never less than one slice
+    assert plan_fronts("x", Seed({20: disc}), 60, (4.0, 4.0, 2.5), 1.0) == [(20, -1, 4), (20, 1, 36)]
+    # between two seeds everything is filled; only the outward fronts are bounded
+    assert sorted(plan_fronts("x", Seed({20: disc, 50: disc}), 60, (4.0, 4.0, 2.5), 0.5)) == [
+        (20, -1, 12), (20, 1, 35), (50, -1, 36), (50, 1, 58)]
+    # an extent (prior mode) is the bound instead
+    assert plan_fronts("x", Seed({20: disc}, extent=(0, 59)), 60, (4.0, 4.0, 2.5), 0.5) == [(20, -1, 0), (20, 1, 59)]
 
 
 def test_settings_refuse_nonsense():

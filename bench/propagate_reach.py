@@ -1,0 +1,89 @@
+"""How far should a seed-mode front travel past its seed? Dice against PropagationSettings.max_travel.
+
+Each organ of the chosen OpenKBP **train** patients is seeded on its middle slice and propagated with every stop
+criterion off except "vanished", up to ``--margin`` slices past its clinical extent; the result is then cut at
+each candidate reach (``max_travel`` x the seed's equivalent diameter, :func:`models.propagate.reach`) and scored.
+Slices further than the margin past the extent are counted as if the front went on with its last area and no
+overlap (what it does: see the per-step table with ``--steps``). Tune here, report on validation.
+
+    python bench/propagate_reach.py --patients 95 96 97 [--checkpoint hn-litemedsam] [--steps]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENKBP = ROOT.parent / "shared" / "data" / "openkbp" / "train"
+TRAVELS = (0.6, 0.8, 1.0, 1.2, 1.5, 2.0, None)
+
+
+def cut_dice(pred: np.ndarray, truth: np.ndarray, seed_z: int, limit: int, margin_end: tuple[int, int]) -> float:
+    """Dice of ``pred`` kept within ``limit`` slices of ``seed_z``; slices beyond the recorded range (outside
+    ``margin_end``) are extrapolated with the last recorded slice's area and no overlap."""
+    zs = np.arange(pred.shape[0])
+    keep = np.abs(zs - seed_z) <= limit
+    kept = pred & keep[:, None, None]
+    area, inter = int(kept.sum()), int((kept & truth).sum())
+    lo, hi = margin_end
+    for end, room in ((lo, lo), (hi, pred.shape[0] - 1 - hi)):  # room: slices that exist beyond the recorded end
+        extra = min(limit - abs(end - seed_z), room)
+        if extra > 0:
+            area += int(pred[end].sum()) * extra
+    return 2.0 * inter / max(area + int(truth.sum()), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients", nargs="+", type=int, default=[95, 96, 97], help="train_pt_<N> numbers")
+    parser.add_argument("--checkpoint", default=None, help="fine-tuned package (default: zero-shot LiteMedSAM)")
+    parser.add_argument("--margin", type=int, default=10, help="slices past the clinical extent to propagate")
+    parser.add_argument("--steps", action="store_true", help="print area / truth / Dice per step past the seed")
+    args = parser.parse_args()
+
+    from models.data import read_npz
+    from models.evaluate_propagation import HN_ORGANS, seed_slices
+    from models.prompting import load_engine
+    from models.propagate import EncodingCache, PropagationSettings, Seed, propagate, reach
+
+    engine = load_engine("litemedsam", args.checkpoint)
+    free = PropagationSettings(min_area_fraction=0.0, max_growth=1e9, min_overlap=0.0, max_travel=None)
+    scores: dict[object, dict[str, list[float]]] = {t: {} for t in TRAVELS}
+    for number in args.patients:
+        case = read_npz(OPENKBP / f"train_pt_{number}.npz", HN_ORGANS)
+        image = case.image.astype(np.float32)
+        started = time.perf_counter()
+        seeds, bounds = {}, {}
+        for c, label in enumerate(HN_ORGANS):
+            if not case.present[c]:
+                continue
+            truth = case.masks[c].astype(bool)
+            zs = np.flatnonzero(truth.any(axis=(1, 2)))
+            z = seed_slices(truth)[0]
+            lo, hi = max(int(zs[0]) - args.margin, 0), min(int(zs[-1]) + args.margin, truth.shape[0] - 1)
+            seeds[label.name], bounds[label.name] = Seed({z: truth[z]}, extent=(lo, hi)), (z, lo, hi, c)
+        found = propagate(engine, image, seeds, free, EncodingCache(capacity=2048), case.spacing_xyz)
+        print(f"train_pt_{number}: {time.perf_counter() - started:.0f} s", flush=True)
+        for name, (z, lo, hi, c) in bounds.items():
+            truth, pred = case.masks[c].astype(bool), found[name].mask
+            if args.steps:
+                cells = [f"{d:+d}:{int(pred[z + d].sum())}/{int(truth[z + d].sum())}"
+                         for d in range(lo - z, hi - z + 1) if d]
+                print(f"  {name}: area/truth by slice from the seed: {' '.join(cells)}")
+            for t in TRAVELS:
+                limit = reach(truth[z], case.spacing_xyz, t) if t is not None else truth.shape[0]
+                scores[t].setdefault(name, []).append(cut_dice(pred, truth, z, limit, (lo, hi)))
+    names = list(scores[TRAVELS[0]])
+    print("| max_travel | " + " | ".join(names) + " | mean |")
+    print("| --- " * (len(names) + 2) + "|")
+    for t, by_name in scores.items():
+        means = [float(np.mean(by_name[n])) for n in names]
+        print(f"| {t} | " + " | ".join(f"{m:.2f}" for m in means) + f" | **{np.mean(means):.3f}** |")
+
+
+if __name__ == "__main__":
+    main()
