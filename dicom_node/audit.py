@@ -32,6 +32,7 @@ class Event:
     SERIES_REOPENED = "series.reopened"
     SERIES_FORWARDED = "series.forwarded"
     SERIES_UNROUTED = "series.unrouted"
+    SERIES_REROUTED = "series.rerouted"  # a structure set arrived after the series it references was routed
     RULES_LOADED = "rules.loaded"
     RULES_REJECTED = "rules.rejected"
     JOB_QUEUED = "job.queued"

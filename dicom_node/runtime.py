@@ -20,13 +20,15 @@ from pydicom import dcmread
 
 from config.node import ConfigError, Destination, NodeConfig
 from config.rules import REPLY, RulesConfig, load_rules
+from pipeline.identity import MANUFACTURER
 from pipeline.routing import SeriesFacts, attributes_of, check_rules, route, tests_structure_set
+from pipeline.seeds import references_series
 from dicom_node.audit import Event
 from dicom_node.receiver import Receiver
 from dicom_node.recovery import recover_unindexed
 from dicom_node.sender import send_files
 from dicom_node.spool import Spool
-from dicom_node.store import OutboxRow, Store
+from dicom_node.store import OutboxRow, SeriesState, Store
 from dicom_node.worker import Worker, structure_sets_for
 
 __all__ = ["Node", "load_checked_rules"]
@@ -220,6 +222,31 @@ class Node:
         first = dcmread(self.spool.absolute(members[0]["path"]), stop_before_pixels=True)
         return not self._referenced_by_structure_set(series_uid, info, first)
 
+    def reroute_referenced(self, structure_set_uid: str) -> list[int]:
+        """When an RTSTRUCT series completes after the image series it references was routed (the seed came
+        late), route those series again: rules that now match (``has_structure_set``) queue their jobs, and jobs
+        already held for the same series content and rule are not queued twice (idempotency key). Structure sets
+        this node wrote are ignored, so a TPS that sends our results back cannot start a loop."""
+        info = self.store.series_info(structure_set_uid) or {}
+        if info.get("modality") != "RTSTRUCT" or self.rules is None or not tests_structure_set(self.rules):
+            return []
+        created: list[int] = []
+        for member in self.store.series_instances(structure_set_uid):
+            header = dcmread(self.spool.absolute(member["path"]), stop_before_pixels=True)
+            if str(header.get("Manufacturer", "")) == MANUFACTURER:
+                continue
+            for row in self.store.patient_series(info.get("patient_id") or ""):
+                if row["modality"] in NOT_SEEDED or row["state"] == SeriesState.RECEIVING:
+                    continue  # a series still receiving is routed with the structure set when it completes
+                members = self.store.series_instances(row["series_uid"])
+                first = dcmread(self.spool.absolute(members[0]["path"]), stop_before_pixels=True)
+                if not references_series(header, row["series_uid"], str(first.get("FrameOfReferenceUID", ""))):
+                    continue
+                _, new_jobs, routing = self.plan(row["series_uid"])
+                created += self.store.add_jobs(row["series_uid"], new_jobs, {
+                    **routing, "structure_set": str(header.SOPInstanceUID)})
+        return created
+
     def sweep_series(self) -> int:
         """Complete every series that has been quiet for ``series_stable_seconds``; returns how many."""
         with self._sweep_lock:
@@ -239,6 +266,12 @@ class Node:
                     done += completed
                 except Exception:
                     log.exception("could not complete a series; will try again")
+                    continue
+                if completed:
+                    try:
+                        self.reroute_referenced(series_uid)
+                    except Exception:  # the structure set is stored; the series it references keeps its routing
+                        log.exception("could not route again the series referenced by %s", series_uid)
             return done
 
     def drain_outbox(self) -> int:

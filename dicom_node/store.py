@@ -410,11 +410,13 @@ class Store:
             return conn.execute(select(series.c.series_uid).where(
                 series.c.patient_id == patient_id, series.c.modality == "RTSTRUCT").limit(1)).first() is not None
 
-    def patient_series(self, patient_id: str, modality: str) -> list[dict[str, Any]]:
-        """Every series of the patient with that modality (any state), oldest received first."""
+    def patient_series(self, patient_id: str, modality: str | None = None) -> list[dict[str, Any]]:
+        """Every series of the patient with that modality (any modality: None; any state), oldest received first."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(series).where(series.c.patient_id == patient_id, series.c.modality == modality)
-                                .order_by(series.c.first_received_at))
+            query = select(series).where(series.c.patient_id == patient_id)
+            if modality is not None:
+                query = query.where(series.c.modality == modality)
+            rows = conn.execute(query.order_by(series.c.first_received_at))
             return [dict(r._mapping) for r in rows]
 
     def structure_set_paths(self, patient_id: str) -> list[str]:
@@ -474,6 +476,19 @@ class Store:
                                "destinations": [d[0] for d in destinations], "jobs": created,
                                **(routing or {})})
             return True
+
+    def add_jobs(self, series_uid: str, new_jobs: Sequence[dict[str, Any]], reason: dict[str, Any],
+                 now: float | None = None) -> list[int]:
+        """Queue jobs for a series routed earlier (jobs already held, by idempotency key, are not queued again);
+        a ``series.rerouted`` record says why when any is new. Returns the new job ids."""
+        now = time.time() if now is None else now
+        with self.transaction() as conn:
+            info = conn.execute(select(series).where(series.c.series_uid == series_uid)).first()
+            created = self._insert_jobs(conn, new_jobs, now)
+            if created and info is not None:
+                self.audit(conn, Event.SERIES_REROUTED, actor="node", study_uid=info.study_uid, series_uid=series_uid,
+                           patient_id=info.patient_id, detail={"jobs": created, **reason})
+            return created
 
     def _insert_jobs(self, conn: Connection, new_jobs: Sequence[dict[str, Any]], now: float) -> list[int]:
         created = []

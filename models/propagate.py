@@ -37,7 +37,7 @@ from models.prompting import Prompt, PromptEngine, VolumePropagator
 __all__ = [
     "PropagationSettings", "CropWindow", "Seed", "StructureResult", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
-    "interior_points", "stop_reason", "keep_connected", "reach", "plan_fronts", "propagate", "segment_slices",
+    "interior_points", "stop_reason", "keep_connected", "reach", "within_reach", "plan_fronts", "propagate", "segment_slices",
     "reusable_window", "region_from_clicks",
 ]
 
@@ -246,20 +246,26 @@ def reach(mask: np.ndarray, spacing_xyz: Sequence[float], max_travel: float) -> 
     return max(1, int(round(max_travel * diameter_mm / sz)))
 
 
-def plan_fronts(key: str, seed: Seed, depth: int, spacing_xyz: Sequence[float] | None = None,
-                max_travel: float | None = None) -> list[tuple[int, int, int]]:
+def within_reach(seed: Seed, depth: int, spacing_xyz: Sequence[float] | None, max_travel: float | None) -> Seed:
+    """``seed`` with an extent ending :func:`reach` slices beyond its outermost seed slices, unless it has an extent
+    already (prior mode: the better bound) or ``max_travel`` is None. Spacing None means isotropic voxels."""
+    zs = sorted(z for z, m in seed.masks.items() if m.any())
+    if seed.extent is not None or max_travel is None or not zs:
+        return seed
+    spacing = spacing_xyz if spacing_xyz is not None else (1.0, 1.0, 1.0)
+    lo = max(0, zs[0] - reach(seed.masks[zs[0]], spacing, max_travel))
+    hi = min(depth - 1, zs[-1] + reach(seed.masks[zs[-1]], spacing, max_travel))
+    return Seed(masks=seed.masks, points=seed.points, extent=(lo, hi))
+
+
+def plan_fronts(key: str, seed: Seed, depth: int) -> list[tuple[int, int, int]]:
     """(start slice, step, last slice) of every front of one structure: outward from the outermost seeds to the
-    extent, or else to their :func:`reach` when ``max_travel`` is given (or the volume's end), and from both ends
-    of each gap between seeds to its middle."""
+    extent (or the volume's end), and from both ends of each gap between seeds to its middle."""
     zs = sorted(z for z, m in seed.masks.items() if m.any())
     if not zs:
         return []
     lo, hi = seed.extent if seed.extent is not None else (0, depth - 1)
     lo, hi = max(lo, 0), min(hi, depth - 1)
-    if seed.extent is None and max_travel is not None:  # an extent (prior mode) is the better bound
-        spacing = spacing_xyz if spacing_xyz is not None else (1.0, 1.0, 1.0)
-        lo = max(lo, zs[0] - reach(seed.masks[zs[0]], spacing, max_travel))
-        hi = min(hi, zs[-1] + reach(seed.masks[zs[-1]], spacing, max_travel))
     fronts = []
     if zs[0] > lo:
         fronts.append((zs[0], -1, lo))
@@ -418,6 +424,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
     s = settings or PropagationSettings()
     if image.ndim != 3:
         raise ModelInputError(f"image must be 3-D (Z, Y, X), got shape {image.shape}")
+    seeds = {key: within_reach(seed, image.shape[0], spacing_xyz, s.max_travel) for key, seed in seeds.items()}
     if isinstance(engine, VolumePropagator):  # e.g. SAM2's video predictor: it tracks through the stack itself
         return engine.propagate_volume(image, seeds, s)
     cache = cache if cache is not None else EncodingCache()
@@ -433,7 +440,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
                 raise ModelInputError(f"seed {key!r}: slice {z} is outside the volume (0..{image.shape[0] - 1})")
             mask[z] |= m.astype(bool)
         results[key] = StructureResult(mask=mask)
-        for start, step, last in plan_fronts(key, seed, image.shape[0], spacing_xyz, s.max_travel):
+        for start, step, last in plan_fronts(key, seed, image.shape[0]):
             m = mask[start]
             fronts.append(_Front(key, start, step, last, float(m.sum()), m, _seed_logits(m)))
     active = [f for f in fronts if f.z != f.last]

@@ -11,6 +11,7 @@ from models.errors import EngineError, ModelInputError
 from models.propagate import (
     CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
     keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach, region_from_clicks, stop_reason,
+    within_reach,
 )
 from pipeline_checks import dice
 
@@ -132,12 +133,13 @@ def test_outward_fronts_reach_as_far_as_the_seed_is_wide():
     assert reach(disc, (4.0, 4.0, 2.5), 1.0) == 16
     assert reach(disc, (4.0, 4.0, 2.5), 0.5) == 8
     assert reach(disc[:1], (4.0, 4.0, 2.5), 1.0) == 1  # never less than one slice
-    assert plan_fronts("x", Seed({20: disc}), 60, (4.0, 4.0, 2.5), 1.0) == [(20, -1, 4), (20, 1, 36)]
+    assert within_reach(Seed({20: disc}), 60, (4.0, 4.0, 2.5), 1.0).extent == (4, 36)
+    assert within_reach(Seed({20: disc}), 30, (4.0, 4.0, 2.5), 1.0).extent == (4, 29)  # the volume's end
     # between two seeds everything is filled; only the outward fronts are bounded
-    assert sorted(plan_fronts("x", Seed({20: disc, 50: disc}), 60, (4.0, 4.0, 2.5), 0.5)) == [
-        (20, -1, 12), (20, 1, 35), (50, -1, 36), (50, 1, 58)]
+    assert within_reach(Seed({20: disc, 50: disc}), 60, (4.0, 4.0, 2.5), 0.5).extent == (12, 58)
+    assert within_reach(Seed({20: disc}), 60, (4.0, 4.0, 2.5), None).extent is None
     # an extent (prior mode) is the bound instead
-    assert plan_fronts("x", Seed({20: disc}, extent=(0, 59)), 60, (4.0, 4.0, 2.5), 0.5) == [(20, -1, 0), (20, 1, 59)]
+    assert within_reach(Seed({20: disc}, extent=(0, 59)), 60, (4.0, 4.0, 2.5), 0.5).extent == (0, 59)
 
 
 def test_settings_refuse_nonsense():

@@ -186,3 +186,37 @@ def _write(tmp_path, text):
     path = tmp_path / "rules.yaml"
     path.write_text(text)
     return str(path)
+
+
+@pytest.mark.slow
+def test_a_seed_sent_after_the_series_was_routed_routes_it_again_once(make_node, tmp_path):
+    ct_files, seed_file = _short_seed(tmp_path)
+    seed = dcmread(seed_file)
+    seed.Manufacturer = "Planning system"  # drawn by a planner; RTSTRUCTs this node wrote never re-route
+    seed.save_as(seed_file)
+    out = tmp_path / "tps"
+    with storescp(out) as port:
+        node = make_node(destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": port}}, stable=0.5,
+                         rules=_write(tmp_path, RULES))  # no structure_set_wait_seconds: the CT is routed at once
+        assert storescu(node.port, ct_files).returncode == 0
+        ct_uid = dcmread(ct_files[0]).SeriesInstanceUID
+        wait_until(lambda: node.store.series_states().get(ct_uid) == "complete", 30, what="the CT routed")
+        assert node.store.job_rows() == []  # no seed yet: the seeded rule did not match
+        assert storescu(node.port, [seed_file]).returncode == 0
+        wait_until(lambda: list(out.iterdir()), 300, interval=1, what="the propagated RTSTRUCT at the TPS")
+        time.sleep(0.5)
+        (received,) = list(out.iterdir())
+        (job,) = node.store.job_rows()
+        assert job["state"] == "done" and job["series_uid"] == ct_uid
+        (rerouted,) = [r for r in node.store.audit_records() if r["event"] == "series.rerouted"]
+        assert rerouted["series_uid"] == ct_uid
+        assert _detail(rerouted)["structure_set"] == dcmread(seed_file).SOPInstanceUID
+        assert _detail(rerouted)["rules"] == ["seeded CT"]
+        # Routing again finds the job already held; our own result sent back by the TPS starts nothing.
+        assert node.reroute_referenced(dcmread(seed_file).SeriesInstanceUID) == []
+        result_uid = dcmread(received).SeriesInstanceUID
+        assert storescu(node.port, [received]).returncode == 0
+        wait_until(lambda: node.store.series_states().get(result_uid) == "complete", 30, what="result stored")
+        time.sleep(1)
+    assert len(node.store.job_rows()) == 1
+    assert len([r for r in node.store.audit_records() if r["event"] == "series.rerouted"]) == 1
