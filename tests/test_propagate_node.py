@@ -22,11 +22,11 @@ from pipeline.rtstruct import build_rtstruct
 from pipeline_checks import dciodvfy_errors, dice, plastimatch_masks, save
 
 # Measured through this node on this slab (zero-shot LiteMedSAM, deterministic): Parotid_R from 1 seed slice
-# 0.442, CTV_test (the left parotid) from 3 seed slices 0.514, after the RTSTRUCT round trip (rasterised seed,
-# contours back, plastimatch). Zero-shot LiteMedSAM is weak on 4-5 mm head-and-neck CT, and on whole volumes far
-# worse than here (README, "Tumour pipeline": fronts leak past the organ; the slab's ends stop them). The
-# thresholds sit just under the measured values; a chain that returns only the seed slices scores ~0.1 and ~0.3.
-MIN_DICE = {"Parotid_R": 0.40, "CTV_test": 0.45}
+# 0.547, CTV_test (the left parotid) from 3 seed slices 0.514, after the RTSTRUCT round trip (rasterised seed,
+# contours back, plastimatch); before fronts were bounded by their reach (max_travel) Parotid_R scored 0.442.
+# Whole-volume figures are in README ("Tumour pipeline"). The thresholds sit just under the measured values; a
+# chain that returns only the seed slices scores ~0.1 and ~0.3.
+MIN_DICE = {"Parotid_R": 0.50, "CTV_test": 0.45}
 
 RULES = """rules:
   - name: seeded CT
@@ -93,6 +93,7 @@ def test_seed_rtstruct_after_the_images_is_propagated_and_returned(make_node, tm
         assert seeded > (3 if name == "Parotid_R" else 5), name  # more than the seed slices came back
     scores = {name: round(dice(found[name], truth), 3) for name, truth in (("Parotid_R", truth_r),
                                                                          ("CTV_test", truth_l))}
+    print("plastimatch Dice", scores)
     assert all(scores[name] >= MIN_DICE[name] for name in scores), scores
     (job,) = node.store.job_rows()
     assert job["state"] == "done" and job["pipeline"] == "propagate"
