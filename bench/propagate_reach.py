@@ -71,9 +71,12 @@ def main() -> None:
         for name, (z, lo, hi, c) in bounds.items():
             truth, pred = case.masks[c].astype(bool), found[name].mask
             if args.steps:
-                cells = [f"{d:+d}:{int(pred[z + d].sum())}/{int(truth[z + d].sum())}"
-                         for d in range(lo - z, hi - z + 1) if d]
-                print(f"  {name}: area/truth by slice from the seed: {' '.join(cells)}")
+                cells = []
+                for d in range(lo - z, hi - z + 1):
+                    p, t = pred[z + d], truth[z + d]
+                    overlap = 2.0 * int((p & t).sum()) / max(int(p.sum()) + int(t.sum()), 1)
+                    cells.append(f"{d:+d}:{int(p.sum())}/{int(t.sum())}/{overlap:.2f}")
+                print(f"  {name}: area/truth/Dice by slice from the seed: {' '.join(cells)}")
             for t in TRAVELS:
                 limit = reach(truth[z], case.spacing_xyz, t) if t is not None else truth.shape[0]
                 scores[t].setdefault(name, []).append(cut_dice(pred, truth, z, limit, (lo, hi)))

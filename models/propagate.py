@@ -11,8 +11,9 @@ more than ``max_growth`` x from one slice to the next, or no longer overlaps the
 extent bound (prior mode) or, beyond the outermost seeds, its *reach* (:func:`reach`: ``max_travel`` x the seed's
 equivalent diameter). The reach is a size prior, and it is needed: past an organ's end SAM keeps segmenting
 something of the same size in the previous slice's box (OpenKBP train patients 95-97: areas within ~20 % and no
-drop in the logits for 10 slices past the end), so without it fronts ran to the volume's end (seed-mode Dice
-0.14 on those patients, 0.54 with ``max_travel`` 1.0; 0.6-2.0 gave 0.50-0.45, bench/propagate_reach.py). Between two seeds each slice is propagated from the nearer one, so seeds constrain
+drop in the logits for 10 slices past the end), so without it fronts ran on to the volume's end (fine-tuned
+seed-mode Dice on those patients: 0.23 unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0;
+bench/propagate_reach.py). Between two seeds each slice is propagated from the nearer one, so seeds constrain
 each other. Crops of all structures and directions are encoded in batches, and encodings are cached by
 (slice, window), so seeds and evaluations that visit the same crop pay once.
 
