@@ -38,8 +38,8 @@ from models.prompting import Prompt, PromptEngine, VolumePropagator
 __all__ = [
     "PropagationSettings", "CropWindow", "Seed", "StructureResult", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
-    "interior_points", "stop_reason", "keep_connected", "reach", "within_reach", "plan_fronts", "propagate", "segment_slices",
-    "reusable_window", "region_from_clicks",
+    "interior_points", "stop_reason", "keep_connected", "reach", "within_reach", "plan_fronts", "propagate",
+    "segment_slices", "reusable_window", "region_from_clicks",
 ]
 
 log = logging.getLogger(__name__)
