@@ -46,6 +46,19 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str 
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def complete_files(folder: Path, count: int, settle: float = 0.3) -> list[Path] | None:
+    """The ``count`` files in ``folder`` once each is fully written (storescp creates a file before it writes it: a
+    test that stops storescp as soon as the file appears can cut it short), else None."""
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    if len(files) != count:
+        return None
+    sizes = [f.stat().st_size for f in files]
+    time.sleep(settle)
+    if 0 in sizes or sizes != [f.stat().st_size for f in files]:
+        return None
+    return files
+
+
 @contextmanager
 def storescp(folder: Path, ae_title: str = "TPS", port: int | None = None) -> Iterator[int]:
     """DCMTK storescp accepting every transfer syntax, one uniquely named file per received instance."""

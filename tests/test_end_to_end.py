@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 
 from dicomutil import sop_uid
-from netutil import storescp, storescu, wait_until
+from netutil import complete_files, storescp, storescu, wait_until
 from orthanc import orthanc
 from pipeline.base import load_pipeline, run_pipeline
 from pipeline_checks import dciodvfy_errors, dice, plastimatch_masks
@@ -46,7 +46,7 @@ def test_storescu_to_node_to_storescp_rtstruct_and_seg(make_node, openkbp_series
         node = make_node(destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": port}},
                          stable=1.0, rules=str(_rules_file(tmp_path)))
         assert storescu(node.port, openkbp_series).returncode == 0
-        wait_until(lambda: len(list(out.iterdir())) == 2, 120, what="RTSTRUCT and SEG at the TPS")
+        wait_until(lambda: complete_files(out, 2), 120, what="RTSTRUCT and SEG at the TPS")
         time.sleep(0.5)
     received = {dcmread(p, stop_before_pixels=True).Modality: p for p in out.iterdir()}
     assert set(received) == {"RTSTRUCT", "SEG"}

@@ -16,7 +16,7 @@ from factories import OPENKBP_ORGANS, ct_series, load_openkbp, write_series
 from models.evaluate import score_case
 from models.organs import segment
 from models.package import find_package
-from netutil import storescp, storescu, wait_until
+from netutil import complete_files, storescp, storescu, wait_until
 from pipeline_checks import dciodvfy_errors, dice, plastimatch_masks
 
 PATIENTS = (0, 1, 2)
@@ -51,7 +51,7 @@ def test_shipped_model_through_the_node_matches_evaluate(make_node, tmp_path):
                          stable=1.0, rules=str(_rules(tmp_path)))
         for case in cases:
             assert storescu(node.port, sorted((tmp_path / case.name).iterdir())).returncode == 0
-        wait_until(lambda: len(list(out.iterdir())) == len(cases), 300, what="one RTSTRUCT per patient")
+        wait_until(lambda: complete_files(out, len(cases)), 300, what="one RTSTRUCT per patient")
 
     for path in sorted(out.iterdir()):
         assert dciodvfy_errors(path) == [], path
