@@ -63,6 +63,9 @@ class LabelConfig(_Strict):
     largest_component: bool = Field(True, description="Post-processing: keep the main connected component(s).")
     fill_holes: bool = Field(True, description="Post-processing: fill enclosed holes.")
     mirror: str | None = Field(None, description="Left/right counterpart, swapped on mirror augmentation and TTA.")
+    sample_weight: float = Field(
+        1.0, gt=0, description="How often foreground patches centre on this structure, relative to the others "
+                               "(raise it for a small organ the network is slow to learn).")
 
 
 class NetworkConfig(_Strict):
@@ -128,6 +131,9 @@ class TrainingConfig(_Strict):
     threads: int | None = Field(None, ge=1, le=256, description="CPU threads for torch (None: torch's default).")
     amp: bool = Field(True, description="bfloat16 autocast on CUDA (ignored on CPU).")
     resume: bool = Field(True, description="Continue from output_dir/checkpoints/last.pt when it exists.")
+    init_from: str | None = Field(
+        None, description="Start from this model package's weights (a name in the model path, or a folder); its "
+                          "architecture, parameters and labels must match. Ignored when resuming.")
     time_limit_minutes: float | None = Field(
         None, gt=0, description="Stop after the epoch that would overrun this wall time (resume later).")
     progress: bool = Field(True, description="Show a progress bar.")
@@ -168,7 +174,11 @@ def load_run_config(path: str | Path, model: type[RunConfigT]) -> RunConfigT:
         update={"train_dirs": [rel(p) for p in cfg.data.train_dirs],  # type: ignore[attr-defined]
                 "val_dirs": [rel(p) for p in cfg.data.val_dirs]}  # type: ignore[attr-defined]
     )
-    return cfg.model_copy(update={"data": data, "output_dir": rel(cfg.output_dir)})  # type: ignore[attr-defined]
+    update: dict[str, object] = {"data": data, "output_dir": rel(cfg.output_dir)}
+    init_from = getattr(cfg, "init_from", None)
+    if init_from and ("/" in init_from or init_from.startswith(".")):  # a folder, not a package name
+        update["init_from"] = str(rel(Path(init_from)))
+    return cfg.model_copy(update=update)
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:

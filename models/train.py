@@ -297,14 +297,18 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def _batch(
     cases: list[_Resident], by_label: list[list[int]], cfg: TrainingConfig, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch; foreground patches pick a structure uniformly (rare organs are seen as often as common ones),
-    then a case holding it, then one of its voxels as the patch centre."""
+    """A batch; foreground patches pick a structure (uniformly, or by the labels' ``sample_weight``: rare organs are
+    seen as often as common ones), then a case holding it, then one of its voxels as the patch centre."""
     labels = [c for c, idx in enumerate(by_label) if idx]
+    weights = np.array([cfg.labels[c].sample_weight for c in labels])
     imgs, msks, pres = [], [], []
     for _ in range(cfg.batch_size):
         centre = None
         if labels and rng.random() < cfg.foreground_fraction:
-            c = labels[int(rng.integers(len(labels)))]
+            if np.all(weights == weights[0]):  # the draw older runs made, so they reproduce
+                c = labels[int(rng.integers(len(labels)))]
+            else:
+                c = labels[int(rng.choice(len(labels), p=weights / weights.sum()))]
             case = cases[by_label[c][int(rng.integers(len(by_label[c])))]]
             centre = case.foreground[c][int(rng.integers(len(case.foreground[c])))]
         else:
@@ -314,6 +318,26 @@ def _batch(
         msks.append(msk)
         pres.append(case.present)
     return torch.stack(imgs)[:, None], torch.stack(msks).float(), torch.stack(pres)
+
+
+def _initial_weights(cfg: TrainingConfig) -> dict[str, torch.Tensor]:
+    """The weights of the package ``cfg.init_from``, checked against the configured network and labels."""
+    from models.package import find_package, load_package
+
+    ref = cfg.init_from or ""
+    package = load_package(ref) if Path(ref).is_dir() else find_package(ref)
+    m = package.manifest
+    wanted = manifest_fields(cfg, {}, {})["architecture"]
+    problems = []
+    if m.label_names != [lab.name for lab in cfg.labels]:
+        problems.append(f"labels {m.label_names} differ from the config's {[lab.name for lab in cfg.labels]}")
+    if (m.architecture.name, m.architecture.params) != (wanted["name"], wanted["params"]):
+        problems.append(f"architecture {m.architecture.name} {m.architecture.params} differs from the config's "
+                        f"{wanted['name']} {wanted['params']}")
+    if problems:
+        raise TrainingError(f"init_from {ref}: " + "; ".join(problems))
+    state = torch.load(package.weights_path, map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def train(cfg: TrainingConfig) -> TrainResult:
@@ -355,6 +379,9 @@ def train(cfg: TrainingConfig) -> TrainResult:
         start_epoch, history = state["epoch"] + 1, state["history"]
         best_dice, best_epoch = state["best_dice"], state["best_epoch"]
         log.info("resumed from %s at epoch %d", last, start_epoch)
+    elif cfg.init_from:
+        net.load_state_dict(_initial_weights(cfg))
+        log.info("starting from the weights of %s", cfg.init_from)
 
     fields = manifest_fields(cfg, {}, {})
     manifest = Manifest.model_validate({**fields, "weights": {"file": "-", "sha256": "0" * 64}})

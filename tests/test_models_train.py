@@ -56,6 +56,22 @@ def test_training_lowers_the_loss_resumes_and_writes_a_usable_package(tmp_path):
         ct, spacing = case["ct"], tuple(float(s) for s in case["spacing"][::-1])
     masks = segment(ct, spacing, package)
     assert set(masks) == {"Parotid_R", "Parotid_L", "Bone_Mandible"}
+
+    # a new run started from that package's weights begins where the first one ended, not from scratch
+    tuned = _config(tmp_path, 1)
+    cfg = yaml.safe_load(tuned.read_text())
+    tuned.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "tuned"), "init_from": "run/package/tiny"}))
+    result = CliRunner().invoke(app, ["train", "--config", str(tuned), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    first = yaml.safe_load((tmp_path / "tuned" / "history.json").read_text())[0]
+    assert first["loss"] < history[0]["loss"] - 0.05
+
+    # ... and a package whose labels differ is refused with the reason
+    tuned.write_text(yaml.safe_dump({**cfg, "labels": cfg["labels"][:2], "output_dir": str(tmp_path / "other"),
+                                     "init_from": "run/package/tiny"}))
+    result = CliRunner().invoke(app, ["train", "--config", str(tuned), "--no-progress"])
+    assert result.exit_code == 1
+    assert "init_from" in result.output and "labels" in result.output
     assert all(m.shape == ct.shape for m in masks.values())
 
 
@@ -82,6 +98,31 @@ def test_predicting_nothing_is_not_rewarded_for_structures_outside_the_patch():
     assert masked_loss(nothing, target, present, dice_weight=1.0) > 0.99
     perfect = torch.where(target > 0, 20.0, -20.0)
     assert masked_loss(perfect, target, present, dice_weight=1.0) < 0.01
+
+
+def test_sample_weight_centres_more_patches_on_a_structure(tmp_path):
+    import torch
+
+    from config.training import TrainingConfig
+    from models.train import _batch, _Resident
+
+    masks = torch.zeros(2, 8, 32, 32, dtype=torch.uint8)
+    masks[0, :, :4, :4] = 1  # structure A in one corner, B in the opposite one
+    masks[1, :, -4:, -4:] = 1
+    case = _Resident(torch.zeros(8, 32, 32), masks, torch.tensor([True, True]),
+                     (np.argwhere(masks[0].numpy()), np.argwhere(masks[1].numpy())), 0.0)
+    raw = yaml.safe_load(_config(tmp_path, 1).read_text())
+
+    def share_of_b(weight_b: float) -> float:
+        raw["labels"] = [{"name": "A"}, {"name": "B", "sample_weight": weight_b}]
+        cfg = TrainingConfig.model_validate({**raw, "foreground_fraction": 1.0, "batch_size": 64,
+                                             "network": {**raw["network"], "patch_size": [8, 8, 8]}})
+        rng = np.random.default_rng(0)
+        patches = torch.cat([_batch([case], [[0], [0]], cfg, rng)[1] for _ in range(6)])
+        return float((patches[:, 1].sum(dim=(1, 2, 3)) > 0).float().mean())
+
+    assert 0.4 < share_of_b(1.0) < 0.6
+    assert 0.7 < share_of_b(4.0) < 0.9
 
 
 def test_npz_with_a_direction_is_read_in_the_models_orientation(tmp_path):
