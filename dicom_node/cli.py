@@ -374,6 +374,8 @@ def evaluate_propagation(
                                                "register the case to a simulated follow-up and propagate from "
                                                "3 key slices, beside registration alone.")] = "seed",
         seed_slices: Annotated[int, typer.Option(help="Seed slices per structure: 1 (middle) or 3.")] = 1,
+        slice_step: Annotated[int, typer.Option(help="Fronts decode every n-th slice and interpolate between "
+                                                     "(the propagate pipeline's slice_step).")] = 1,
         truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
                                                     "column.")] = True,
         zero_shot: Annotated[bool, typer.Option(help="Run the engine's default weights too (off: only the "
@@ -389,6 +391,7 @@ def evaluate_propagation(
     from models.errors import ModelError
     from models.evaluate_propagation import MODES, Run, comparison_markdown, evaluate_propagation as run_eval
     from models.prompting import load_engine
+    from models.propagate import PropagationSettings
     from models.threads import set_thread_count
 
     if mode not in MODES:
@@ -396,6 +399,9 @@ def evaluate_propagation(
         raise typer.Exit(2)
     if seed_slices not in (1, 3):
         typer.echo(f"--seed-slices must be 1 or 3, got {seed_slices}", err=True)
+        raise typer.Exit(2)
+    if not 1 <= slice_step <= 4:
+        typer.echo(f"--slice-step must be 1 to 4, got {slice_step}", err=True)
         raise typer.Exit(2)
     _setup_logging(False)
     set_thread_count(threads)
@@ -409,7 +415,7 @@ def evaluate_propagation(
             typer.echo("nothing to run: --no-zero-shot needs a --checkpoint", err=True)
             raise typer.Exit(2)
         summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
-                             progress=typer.echo)
+                             settings=PropagationSettings(slice_step=slice_step), progress=typer.echo)
     except ModelError as exc:
         typer.echo(f"evaluation failed: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -39,7 +39,7 @@ __all__ = [
     "PropagationSettings", "CropWindow", "Seed", "StructureResult", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
     "interior_points", "stop_reason", "keep_connected", "reach", "within_reach", "plan_fronts", "propagate",
-    "segment_slices", "reusable_window", "region_from_clicks",
+    "segment_slices", "reusable_window", "region_from_clicks", "interpolate_masks",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class PropagationSettings:
     poor_fill: float = 0.45
     mask_prompt: bool = False  # also give the neighbour's logits as a mask prompt
     batch: int = 8  # crops encoded per engine call
+    slice_step: int = 1  # fronts decode every n-th slice and interpolate between (a failed jump retries one slice)
     snap: int = 2  # crop origin and side snapped to this many pixels so nearby visits share a cached encoding
 
     def __post_init__(self) -> None:
@@ -77,6 +78,8 @@ class PropagationSettings:
             raise ValueError(f"max_growth must be > 1, got {self.max_growth}")
         if self.max_travel is not None and self.max_travel <= 0:
             raise ValueError(f"max_travel must be > 0 or None, got {self.max_travel}")
+        if self.slice_step < 1:
+            raise ValueError(f"slice_step must be >= 1, got {self.slice_step}")
         if self.window[1] <= self.window[0]:
             raise ValueError(f"window must be (lower, upper) with upper > lower, got {self.window}")
 
@@ -344,11 +347,13 @@ def _prompt(mask: np.ndarray, logits: np.ndarray | None, clicks: np.ndarray | No
     return Prompt(box=box_to_input(box, window, size), points=points, labels=labels, mask_logits=mask_logits)
 
 
-def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], seeds: Mapping[str, Seed],
-                 s: PropagationSettings, cache: EncodingCache) -> list[tuple[np.ndarray, np.ndarray]]:
+def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], jumps: Sequence[int],
+                 seeds: Mapping[str, Seed], s: PropagationSettings,
+                 cache: EncodingCache) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each front's mask on the slice ``jump`` slices ahead, prompted with its current mask's box."""
     size, shape = engine.input_size, image.shape[1:]
     windows = [crop_window(box_of(f.mask), s.crop_factor, s.min_crop, s.snap) for f in fronts]  # type: ignore[arg-type]
-    targets = [f.z + f.step for f in fronts]
+    targets = [f.z + f.step * k for f, k in zip(fronts, jumps)]
     embeddings = _encode(engine, image, list(zip(targets, windows)), s, cache)
     prompts = [_prompt(f.mask, f.logits, seeds[f.key].points.get(z), w, size, s)
                for f, z, w in zip(fronts, targets, windows)]
@@ -416,6 +421,28 @@ def _with_click_masks(engine: PromptEngine, image: np.ndarray, seed: Seed, s: Pr
     return Seed(masks=masks, points=seed.points, extent=seed.extent)
 
 
+def interpolate_masks(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """The 2-D mask a fraction ``t`` of the way from ``a`` to ``b``: both moved to the blended centroid, then their
+    signed distances blended (blending alone shrinks a shape that moves between the slices)."""
+    ca, cb = (np.argwhere(m).mean(axis=0) for m in (a, b))
+    centre = (1 - t) * ca + t * cb
+
+    def signed_at_centre(m: np.ndarray, c: np.ndarray) -> np.ndarray:
+        d = ndi.distance_transform_edt(m) - ndi.distance_transform_edt(~m)
+        return ndi.shift(d, centre - c, order=1, mode="nearest")
+
+    return (1 - t) * signed_at_centre(a, ca) + t * signed_at_centre(b, cb) > 0
+
+
+def _advance(f: _Front, k: int, new: np.ndarray, native: np.ndarray, out: np.ndarray) -> None:
+    """Move front ``f`` ``k`` slices on to ``new``, filling the slices jumped over by interpolation."""
+    for j in range(1, k):
+        out[f.z + f.step * j] |= interpolate_masks(f.mask, new, j / k)
+    f.z += f.step * k
+    f.mask, f.logits = new, native
+    out[f.z] |= new
+
+
 def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed],
               settings: PropagationSettings | None = None, cache: EncodingCache | None = None,
               spacing_xyz: Sequence[float] | None = None) -> dict[str, StructureResult]:
@@ -446,14 +473,23 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
             fronts.append(_Front(key, start, step, last, float(m.sum()), m, _seed_logits(m)))
     active = [f for f in fronts if f.z != f.last]
     while active:
-        for f, (new, native) in zip(active, _decode_step(engine, image, active, seeds, s, cache)):
+        jumps = [min(s.slice_step, abs(f.last - f.z)) for f in active]
+        retry: list[_Front] = []
+        for f, k, (new, native) in zip(active, jumps, _decode_step(engine, image, active, jumps, seeds, s, cache)):
             reason = stop_reason(new, f.mask, f.seed_area, s)
-            if reason is not None:
+            if reason is None:
+                _advance(f, k, new, native, results[f.key].mask)
+            elif k > 1:  # the jump failed: the next slice alone decides whether the front ends here
+                retry.append(f)
+            else:
                 f.stop = f"{reason} at slice {f.z + f.step}"
-                continue
-            f.z += f.step
-            f.mask, f.logits = new, native
-            results[f.key].mask[f.z] |= new
+        retried = _decode_step(engine, image, retry, [1] * len(retry), seeds, s, cache) if retry else []
+        for f, (new, native) in zip(retry, retried):
+            reason = stop_reason(new, f.mask, f.seed_area, s)
+            if reason is None:
+                _advance(f, 1, new, native, results[f.key].mask)
+            else:
+                f.stop = f"{reason} at slice {f.z + f.step}"
         for f in active:
             if f.stop is None and f.z == f.last:
                 f.stop = f"reached slice {f.last}"

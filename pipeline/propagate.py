@@ -60,6 +60,9 @@ class PropagateParams(PipelineParams):
         1.0, gt=0, description="source: seed: beyond the outermost seed slice, stop after this many times the "
         "seed's equivalent diameter (a size prior: past a structure's end the engine keeps finding something); "
         "null: no limit. Seed a long structure on its first and last slices instead of raising this.")
+    slice_step: int = Field(1, ge=1, le=4, description="Decode every n-th slice and interpolate the slices between "
+                            "(about n times fewer encodings; a failed jump retries the next slice, so fronts end "
+                            "where they would have).")
 
     def needs_prior_study(self) -> bool:
         return self.source == "prior"
@@ -96,7 +99,8 @@ class PropagatePipeline:
             PropagateParams.model_validate(data.params.model_dump())
         if p.source == "prior":
             return run_prior(data, load_engine(p.engine, p.checkpoint), PropagationSettings(
-                min_area_fraction=p.min_area_fraction, max_growth=p.max_growth), structures=p.structures,
+                min_area_fraction=p.min_area_fraction, max_growth=p.max_growth, slice_step=p.slice_step),
+                structures=p.structures,
                 deformable=p.deformable, key_slices=p.key_slices, min_agreement=p.min_agreement,
                 version=self.version)
         if not data.structure_sets:
@@ -109,7 +113,7 @@ class PropagatePipeline:
             raise SeedError(f"the {len(data.structure_sets)} structure set(s) of this series hold no contoured ROI")
         engine = load_engine(p.engine, p.checkpoint)
         settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
-                                       max_travel=p.max_travel)
+                                       max_travel=p.max_travel, slice_step=p.slice_step)
         seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
         results = propagate(engine, data.volume.array.astype("float32"), seeds, settings,
                             spacing_xyz=data.volume.spacing)
