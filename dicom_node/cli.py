@@ -376,6 +376,8 @@ def evaluate_propagation(
         seed_slices: Annotated[int, typer.Option(help="Seed slices per structure: 1 (middle) or 3.")] = 1,
         slice_step: Annotated[int, typer.Option(help="Fronts decode every n-th slice and interpolate between "
                                                      "(the propagate pipeline's slice_step).")] = 1,
+        crop_reuse: Annotated[float, typer.Option(help="Share crops between structures within this size factor "
+                                                       "(the propagate pipeline's crop_reuse).")] = 1.0,
         truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
                                                     "column.")] = True,
         zero_shot: Annotated[bool, typer.Option(help="Run the engine's default weights too (off: only the "
@@ -400,8 +402,8 @@ def evaluate_propagation(
     if seed_slices not in (1, 3):
         typer.echo(f"--seed-slices must be 1 or 3, got {seed_slices}", err=True)
         raise typer.Exit(2)
-    if not 1 <= slice_step <= 4:
-        typer.echo(f"--slice-step must be 1 to 4, got {slice_step}", err=True)
+    if not 1 <= slice_step <= 4 or not 1 <= crop_reuse <= 2:
+        typer.echo(f"--slice-step must be 1 to 4 and --crop-reuse 1 to 2, got {slice_step}, {crop_reuse}", err=True)
         raise typer.Exit(2)
     _setup_logging(False)
     set_thread_count(threads)
@@ -415,7 +417,8 @@ def evaluate_propagation(
             typer.echo("nothing to run: --no-zero-shot needs a --checkpoint", err=True)
             raise typer.Exit(2)
         summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
-                             settings=PropagationSettings(slice_step=slice_step), progress=typer.echo)
+                             settings=PropagationSettings(slice_step=slice_step, crop_reuse=crop_reuse),
+                             progress=typer.echo)
     except ModelError as exc:
         typer.echo(f"evaluation failed: {exc}", err=True)
         raise typer.Exit(1) from None

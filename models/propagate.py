@@ -67,6 +67,8 @@ class PropagationSettings:
     mask_prompt: bool = False  # also give the neighbour's logits as a mask prompt
     batch: int = 8  # crops encoded per engine call
     slice_step: int = 1  # fronts decode every n-th slice and interpolate between (a failed jump retries one slice)
+    crop_reuse: float = 1.0  # decode on a crop already encoded on that slice (another structure's) when it holds
+    # the box and its side is within this factor of the ideal crop's; 1: never
     snap: int = 2  # crop origin and side snapped to this many pixels so nearby visits share a cached encoding
 
     def __post_init__(self) -> None:
@@ -78,6 +80,8 @@ class PropagationSettings:
             raise ValueError(f"max_growth must be > 1, got {self.max_growth}")
         if self.max_travel is not None and self.max_travel <= 0:
             raise ValueError(f"max_travel must be > 0 or None, got {self.max_travel}")
+        if self.crop_reuse < 1:
+            raise ValueError(f"crop_reuse must be >= 1, got {self.crop_reuse}")
         if self.slice_step < 1:
             raise ValueError(f"slice_step must be >= 1, got {self.slice_step}")
         if self.window[1] <= self.window[0]:
@@ -352,8 +356,14 @@ def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], 
                  cache: EncodingCache) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each front's mask on the slice ``jump`` slices ahead, prompted with its current mask's box."""
     size, shape = engine.input_size, image.shape[1:]
-    windows = [crop_window(box_of(f.mask), s.crop_factor, s.min_crop, s.snap) for f in fronts]  # type: ignore[arg-type]
     targets = [f.z + f.step * k for f, k in zip(fronts, jumps)]
+    boxes = [box_of(f.mask) for f in fronts]
+    windows = [crop_window(b, s.crop_factor, s.min_crop, s.snap) for b in boxes]  # type: ignore[arg-type]
+    if s.crop_reuse > 1:  # larger crops first: a small structure's box may lie in a neighbour's crop
+        for i in sorted(range(len(fronts)), key=lambda i: -windows[i].side):
+            z = targets[i]
+            held = cache.windows_on(z) + [w for j, w in enumerate(windows) if j != i and targets[j] == z]
+            windows[i] = reusable_window(held, boxes[i], windows[i], s.crop_reuse) or windows[i]  # type: ignore
     embeddings = _encode(engine, image, list(zip(targets, windows)), s, cache)
     prompts = [_prompt(f.mask, f.logits, seeds[f.key].points.get(z), w, size, s)
                for f, z, w in zip(fronts, targets, windows)]
@@ -434,6 +444,12 @@ def interpolate_masks(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return (1 - t) * signed_at_centre(a, ca) + t * signed_at_centre(b, cb) > 0
 
 
+def _to_grid(z: int, step: int, n: int) -> int:
+    """Slices from ``z`` to the next multiple of ``n`` in direction ``step``: all fronts land on the same slices, so
+    neighbouring structures can share crops (``crop_reuse``)."""
+    return n - z % n if step > 0 else (z % n or n)
+
+
 def _advance(f: _Front, k: int, new: np.ndarray, native: np.ndarray, out: np.ndarray) -> None:
     """Move front ``f`` ``k`` slices on to ``new``, filling the slices jumped over by interpolation."""
     for j in range(1, k):
@@ -473,7 +489,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
             fronts.append(_Front(key, start, step, last, float(m.sum()), m, _seed_logits(m)))
     active = [f for f in fronts if f.z != f.last]
     while active:
-        jumps = [min(s.slice_step, abs(f.last - f.z)) for f in active]
+        jumps = [min(_to_grid(f.z, f.step, s.slice_step), abs(f.last - f.z)) for f in active]
         retry: list[_Front] = []
         for f, k, (new, native) in zip(active, jumps, _decode_step(engine, image, active, jumps, seeds, s, cache)):
             reason = stop_reason(new, f.mask, f.seed_area, s)

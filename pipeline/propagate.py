@@ -63,6 +63,9 @@ class PropagateParams(PipelineParams):
     slice_step: int = Field(1, ge=1, le=4, description="Decode every n-th slice and interpolate the slices between "
                             "(about n times fewer encodings; a failed jump retries the next slice, so fronts end "
                             "where they would have).")
+    crop_reuse: float = Field(1.0, ge=1, le=2, description="Decode a structure on a crop another structure already "
+                              "encoded on that slice when it holds the box and its side is within this factor of "
+                              "the ideal crop's (1: every structure its own crops).")
 
     def needs_prior_study(self) -> bool:
         return self.source == "prior"
@@ -99,7 +102,8 @@ class PropagatePipeline:
             PropagateParams.model_validate(data.params.model_dump())
         if p.source == "prior":
             return run_prior(data, load_engine(p.engine, p.checkpoint), PropagationSettings(
-                min_area_fraction=p.min_area_fraction, max_growth=p.max_growth, slice_step=p.slice_step),
+                min_area_fraction=p.min_area_fraction, max_growth=p.max_growth, slice_step=p.slice_step,
+                crop_reuse=p.crop_reuse),
                 structures=p.structures,
                 deformable=p.deformable, key_slices=p.key_slices, min_agreement=p.min_agreement,
                 version=self.version)
@@ -113,7 +117,8 @@ class PropagatePipeline:
             raise SeedError(f"the {len(data.structure_sets)} structure set(s) of this series hold no contoured ROI")
         engine = load_engine(p.engine, p.checkpoint)
         settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
-                                       max_travel=p.max_travel, slice_step=p.slice_step)
+                                       max_travel=p.max_travel, slice_step=p.slice_step,
+                                       crop_reuse=p.crop_reuse)
         seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
         results = propagate(engine, data.volume.array.astype("float32"), seeds, settings,
                             spacing_xyz=data.volume.spacing)

@@ -10,8 +10,8 @@ from factories import load_openkbp
 from models.errors import EngineError, ModelInputError
 from models.propagate import (
     CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
-    interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach, region_from_clicks, stop_reason,
-    within_reach,
+    interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach,
+    region_from_clicks, stop_reason, within_reach,
 )
 from pipeline_checks import dice
 
@@ -188,6 +188,24 @@ def test_stepping_over_slices_interpolates_and_ends_where_single_steps_end():
     a, b = (np.hypot(yy[0] - 24, xx[0] - c) <= 6 for c in (16, 32))
     mid = interpolate_masks(a, b, 0.5)
     assert np.array_equal(mid, np.hypot(yy[0] - 24, xx[0] - 24) <= 6)
+
+
+def test_neighbouring_structures_share_crops_on_the_same_slices():
+    """A thin tube beside a thicker cord: the cord's crop holds the tube's box, so with crop_reuse the tube is
+    decoded on it wherever the cord's front has been, instead of on a crop of its own."""
+    zz, yy, xx = np.mgrid[0:30, 0:64, 0:64]
+    cord, tube = np.hypot(yy - 32, xx - 26) <= 7, np.hypot(yy - 32, xx - 37) <= 2
+    cord[:3], tube[:3], cord[27:], tube[27:] = False, False, False, False
+    image = np.where(cord | tube, 100.0, -500.0)
+    seeds = {"cord": Seed({15: cord[15]}), "tube": Seed({12: tube[12]})}  # different seed slices
+    encoded, found = {}, {}
+    for reuse in (1.0, 2.0):
+        engine = _BrightThingEngine()
+        settings = PropagationSettings(slice_step=2, crop_reuse=reuse, max_travel=None)
+        found[reuse] = propagate(engine, image, seeds, settings)
+        encoded[reuse] = engine.encoded
+    assert encoded[2.0] < 0.8 * encoded[1.0], encoded
+    assert dice(found[2.0]["cord"].mask, cord) > 0.95 and dice(found[2.0]["tube"].mask, tube) > 0.95
 
 
 def test_settings_refuse_nonsense():
