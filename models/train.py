@@ -459,6 +459,8 @@ def train(cfg: TrainingConfig) -> TrainResult:
         "best_epoch": best_epoch,
         "seed": cfg.seed,
     }
+    if cfg.init_from:
+        summary["init_from"] = cfg.init_from
     metrics = {}
     if best_dice >= 0:
         best_row = next(h for h in history if h["epoch"] == best_epoch)
