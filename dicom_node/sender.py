@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
@@ -19,7 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from config.node import Destination
 from dicom_node.netopts import tune_connection
 
-__all__ = ["SendResult", "send_files", "echo", "collect_files"]
+__all__ = ["SendResult", "send_files", "echo", "collect_files", "keep_responses_for_the_caller"]
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,12 @@ def _send_batch(destination: Destination, contexts: list, headers: Sequence[_Hea
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "no association (peer down or unreachable)"
         return [SendResult(h.path, h.sop_instance, None, f"{reason}: {destination}") for h in headers]
+    keep_responses_for_the_caller(assoc)
     results = []
     try:
         accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
-        for h in headers:
-            results.append(_send_one(assoc, h, accepted))
+        for msg_id, h in enumerate(headers, start=1):
+            results.append(_send_one(assoc, h, accepted, msg_id % 0x10000 or 1))
             if not assoc.is_established:
                 break
     finally:
@@ -129,10 +131,30 @@ def _send_batch(destination: Destination, contexts: list, headers: Sequence[_Hea
     return results
 
 
-def _send_one(assoc, header: _Header, accepted: set[tuple[str, str]]) -> SendResult:
+def keep_responses_for_the_caller(assoc) -> None:
+    """Put a DIMSE response that pynetdicom's reactor thread took back on the queue for the waiting send_*() call.
+
+    pynetdicom (3.0) pauses its reactor around a send_*() call with a checkpoint, but a reactor already woken by the
+    previous call's un-pause can pass the checkpoint after the next call cleared it, and then takes that call's
+    response off the queue: it logs "Received unexpected C-STORE service message", drops it, and send_c_store()
+    waits out the DIMSE timeout; the peer stored the instance, we retry it and it arrives twice. Back-to-back
+    stores to a fast peer on a loaded CPU hit it (tests/test_restart.py, ~1 run in 10 at load 2).
+    """
+    serve = assoc._serve_request
+
+    def serve_or_requeue(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and msg.is_valid_response:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_requeue
+
+
+def _send_one(assoc, header: _Header, accepted: set[tuple[str, str]], msg_id: int = 1) -> SendResult:
     try:
         if (header.sop_class, header.transfer_syntax) in accepted:
-            status = assoc.send_c_store(header.path)
+            status = assoc.send_c_store(header.path, msg_id=msg_id)
         elif any(sop == header.sop_class and UID(ts) in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
                  for sop, ts in accepted):
             ds = dcmread(header.path)
@@ -140,7 +162,7 @@ def _send_one(assoc, header: _Header, accepted: set[tuple[str, str]]) -> SendRes
                 ds.decompress()
             ts = next(UID(t) for s, t in accepted if s == header.sop_class)
             ds.file_meta.TransferSyntaxUID = ts
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(ds, msg_id=msg_id)
         else:
             return SendResult(header.path, header.sop_instance, None,
                               f"peer accepted no context for {header.sop_class} / {header.transfer_syntax}")
@@ -161,6 +183,7 @@ def echo(destination: Destination, *, calling_ae: str = "DICOMNODE", timeout: fl
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         return None
+    keep_responses_for_the_caller(assoc)
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if status and "Status" in status else None

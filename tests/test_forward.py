@@ -97,3 +97,32 @@ def test_resent_series_after_forwarding_sends_only_what_changed(make_node, openk
         time.sleep(0.5)
     assert set(_received(out).values()) == {1}  # nothing was delivered twice
     assert len(node.store.audit_records(event="series.reopened")) == 1
+
+
+def test_a_store_response_taken_by_the_reactor_goes_back_to_the_waiting_send(openkbp_series, tmp_path):
+    """pynetdicom's reactor thread can poll a C-STORE response before send_c_store() waits for it and would drop
+    it (send_c_store then blocks for the whole DIMSE timeout and the instance is sent twice); the sender puts it
+    back. Here the reactor's step is made by hand on a real association to storescp."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node.sender import keep_responses_for_the_caller
+
+    header = dcmread(openkbp_series[0], stop_before_pixels=True)
+    with storescp(tmp_path / "tps") as port:
+        ae = AE(ae_title="DICOMNODE")
+        ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="TPS")
+        assert assoc.is_established
+        try:
+            keep_responses_for_the_caller(assoc)
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo, response.Status = 1, 0x0000
+            response.AffectedSOPClassUID, response.AffectedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+            assoc._serve_request(response, 1)  # what the reactor does with any message it polls
+            assert assoc.dimse.get_msg(block=False) == (1, response)
+            status = assoc.send_c_store(openkbp_series[0], msg_id=2)  # the association still works
+            assert status.Status == 0x0000
+        finally:
+            assoc.release()
