@@ -138,7 +138,7 @@ def keep_responses_for_the_caller(assoc) -> None:
     previous call's un-pause can pass the checkpoint after the next call cleared it, and then takes that call's
     response off the queue: it logs "Received unexpected C-STORE service message", drops it, and send_c_store()
     waits out the DIMSE timeout; the peer stored the instance, we retry it and it arrives twice. Back-to-back
-    stores to a fast peer on a loaded CPU hit it (tests/test_restart.py, ~1 run in 10 at load 2).
+    stores to a fast peer on a loaded CPU hit it (tests/test_restart.py: 1 run in 20 with a training run beside it).
     """
     serve = assoc._serve_request
 
