@@ -140,3 +140,27 @@ def test_npz_with_a_direction_is_read_in_the_models_orientation(tmp_path):
     assert np.array_equal(case.image, image[::-1])
     assert case.masks[0, 4, 1, 2] == 1 and case.masks.sum() == 1
     assert case.spacing_xyz == (2.0, 1.0, 3.0)
+
+
+def test_the_example_configs_rebuild_the_shipped_model_and_fine_tune_it():
+    """config/train.example.yaml describes the shipped hn-oar's network, and the fine-tuning example starts from
+    the shipped package's weights (its network and labels are checked against the package)."""
+    from pathlib import Path
+
+    import torch
+
+    from config.training import load_training_config
+    from models.package import find_package
+    from models.train import _initial_weights, manifest_fields
+
+    config_dir = Path(__file__).resolve().parents[1] / "config"
+    shipped = find_package("hn-oar").manifest
+    cfg = load_training_config(config_dir / "train.example.yaml")
+    fields = manifest_fields(cfg, {}, {})
+    assert (cfg.network.name, cfg.network.version) == (shipped.name, shipped.version)
+    assert fields["architecture"] == shipped.architecture.model_dump(mode="json")
+    assert [lab.name for lab in cfg.labels] == shipped.label_names
+    finetune = load_training_config(config_dir / "train.finetune.example.yaml")
+    assert finetune.init_from == "hn-oar"
+    shipped_weights = torch.load(find_package("hn-oar").weights_path, weights_only=True)
+    assert set(_initial_weights(finetune)) == set(shipped_weights)
