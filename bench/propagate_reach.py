@@ -6,6 +6,10 @@ each candidate reach (``max_travel`` x the seed's equivalent diameter, :func:`mo
 Slices further than the margin past the extent are counted as if the front went on with its last area and no
 overlap (what it does: see the per-step table with ``--steps``). Tune here, report on validation.
 
+The second table cuts at ``reach_fraction`` x each structure's *learned* reach instead: the median over the
+OpenKBP train split of :func:`models.propagate.learned_reach` (what ``dicom-node finetune`` records per label).
+``--write-reach PKG`` writes that table into a package's manifest (how the shipped hn-litemedsam got it).
+
     python bench/propagate_reach.py --patients 95 96 97 [--checkpoint hn-litemedsam] [--steps]
 """
 
@@ -20,6 +24,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 OPENKBP = ROOT.parent / "shared" / "data" / "openkbp" / "train"
 TRAVELS = (0.6, 0.8, 1.0, 1.2, 1.5, 2.0, None)
+FRACTIONS = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def train_reach(labels) -> dict[str, float]:
+    """Median learned reach of each label over the OpenKBP train split (seconds: masks only)."""
+    from models.data import read_npz
+    from models.propagate import learned_reach
+
+    values: dict[str, list[float]] = {}
+    for path in sorted(OPENKBP.glob("*.npz")):
+        case = read_npz(path, labels)
+        for c, label in enumerate(labels):
+            r = learned_reach(case.masks[c], case.spacing_xyz) if case.present[c] else None
+            if r is not None:
+                values.setdefault(label.name, []).append(r)
+    return {name: round(float(np.median(v)), 3) for name, v in values.items()}
+
+
+def write_reach(package_dir: str, table: dict[str, float]) -> None:
+    from models.package import load_package, write_manifest
+
+    package = load_package(package_dir)
+    labels = tuple(lab.model_copy(update={"reach": table.get(lab.name)}) for lab in package.manifest.labels)
+    write_manifest(package.path, package.manifest.model_copy(update={"labels": labels}))
 
 
 def cut_dice(pred: np.ndarray, truth: np.ndarray, seed_z: int, limit: int, margin_end: tuple[int, int]) -> float:
@@ -43,6 +71,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="fine-tuned package (default: zero-shot LiteMedSAM)")
     parser.add_argument("--margin", type=int, default=10, help="slices past the clinical extent to propagate")
     parser.add_argument("--steps", action="store_true", help="print area / truth / Dice per step past the seed")
+    parser.add_argument("--write-reach", metavar="PKG", help="write the train split's learned reach into PKG and stop")
     args = parser.parse_args()
 
     from models.data import read_npz
@@ -50,9 +79,16 @@ def main() -> None:
     from models.prompting import load_engine
     from models.propagate import EncodingCache, PropagationSettings, Seed, propagate, reach
 
+    learned = train_reach(HN_ORGANS)
+    print("learned reach (median over the train split, middle-slice diameters):", learned, flush=True)
+    if args.write_reach:
+        write_reach(args.write_reach, learned)
+        print(f"written into {args.write_reach}")
+        return
     engine = load_engine("litemedsam", args.checkpoint)
     free = PropagationSettings(min_area_fraction=0.0, max_growth=1e9, min_overlap=0.0, max_travel=None)
     scores: dict[object, dict[str, list[float]]] = {t: {} for t in TRAVELS}
+    by_fraction: dict[float, dict[str, list[float]]] = {f: {} for f in FRACTIONS}
     for number in args.patients:
         case = read_npz(OPENKBP / f"train_pt_{number}.npz", HN_ORGANS)
         image = case.image.astype(np.float32)
@@ -80,12 +116,16 @@ def main() -> None:
             for t in TRAVELS:
                 limit = reach(truth[z], case.spacing_xyz, t) if t is not None else truth.shape[0]
                 scores[t].setdefault(name, []).append(cut_dice(pred, truth, z, limit, (lo, hi)))
+            for f in FRACTIONS:
+                limit = reach(truth[z], case.spacing_xyz, f * learned[name])
+                by_fraction[f].setdefault(name, []).append(cut_dice(pred, truth, z, limit, (lo, hi)))
     names = list(scores[TRAVELS[0]])
-    print("| max_travel | " + " | ".join(names) + " | mean |")
-    print("| --- " * (len(names) + 2) + "|")
-    for t, by_name in scores.items():
-        means = [float(np.mean(by_name[n])) for n in names]
-        print(f"| {t} | " + " | ".join(f"{m:.2f}" for m in means) + f" | **{np.mean(means):.3f}** |")
+    for title, table in (("max_travel", scores), ("reach_fraction", by_fraction)):
+        print(f"\n| {title} | " + " | ".join(names) + " | mean |")
+        print("| --- " * (len(names) + 2) + "|")
+        for t, by_name in table.items():
+            means = [float(np.mean(by_name[n])) for n in names]
+            print(f"| {t} | " + " | ".join(f"{m:.2f}" for m in means) + f" | **{np.mean(means):.3f}** |")
 
 
 if __name__ == "__main__":

@@ -378,6 +378,9 @@ def evaluate_propagation(
                                                      "(the propagate pipeline's slice_step).")] = 1,
         crop_reuse: Annotated[float, typer.Option(help="Share crops between structures within this size factor "
                                                        "(the propagate pipeline's crop_reuse).")] = 1.0,
+        reach_fraction: Annotated[Optional[float], typer.Option(
+            help="Fronts of structures a checkpoint learned go this fraction of their learned reach (the propagate "
+                 "pipeline's reach_fraction; default: its default); 0: max_travel for every structure.")] = None,
         truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
                                                     "column.")] = True,
         zero_shot: Annotated[bool, typer.Option(help="Run the engine's default weights too (off: only the "
@@ -402,8 +405,9 @@ def evaluate_propagation(
     if seed_slices not in (1, 3):
         typer.echo(f"--seed-slices must be 1 or 3, got {seed_slices}", err=True)
         raise typer.Exit(2)
-    if not 1 <= slice_step <= 4 or not 1 <= crop_reuse <= 2:
-        typer.echo(f"--slice-step must be 1 to 4 and --crop-reuse 1 to 2, got {slice_step}, {crop_reuse}", err=True)
+    if not 1 <= slice_step <= 4 or not 1 <= crop_reuse <= 2 or (reach_fraction or 0) < 0:
+        typer.echo(f"--slice-step must be 1 to 4, --crop-reuse 1 to 2 and --reach-fraction >= 0, got {slice_step}, "
+                   f"{crop_reuse}, {reach_fraction}", err=True)
         raise typer.Exit(2)
     _setup_logging(False)
     set_thread_count(threads)
@@ -417,7 +421,9 @@ def evaluate_propagation(
             typer.echo("nothing to run: --no-zero-shot needs a --checkpoint", err=True)
             raise typer.Exit(2)
         summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
-                             settings=PropagationSettings(slice_step=slice_step, crop_reuse=crop_reuse),
+                             settings=PropagationSettings(
+                                 slice_step=slice_step, crop_reuse=crop_reuse,
+                                 **({} if reach_fraction is None else {"reach_fraction": reach_fraction or None})),
                              progress=typer.echo)
     except ModelError as exc:
         typer.echo(f"evaluation failed: {exc}", err=True)

@@ -43,7 +43,7 @@ from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
-                              logits_to_native, normalise)
+                              learned_reach, logits_to_native, normalise)
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
@@ -179,9 +179,13 @@ def _fingerprint(items: Sequence[CropItem], base_sha: str) -> str:
 
 
 def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSamEngine, per_structure: int,
-                neighbour_fraction: float, base_sha: str) -> tuple[dict[str, Any], int, tuple[float, ...]]:
-    """The cached shard of one case (encoded now when missing or stale); also how many crops were encoded."""
+                neighbour_fraction: float, base_sha: str
+                ) -> tuple[dict[str, Any], int, tuple[float, ...], dict[int, float]]:
+    """The cached shard of one case (encoded now when missing or stale); also how many crops were encoded, the
+    case's spacing and each present structure's :func:`learned_reach`."""
     case = read_npz(path, _labels(cfg), _keymap(cfg))
+    reaches = {c: r for c in np.flatnonzero(case.present)
+               if (r := learned_reach(case.masks[c], case.spacing_xyz)) is not None}
     rng = np.random.default_rng([cfg.seed, zlib.crc32(case.case_id.encode())])  # a case's draw ignores the others
     items = sample_items(case.case_id, case.masks, case.present, per_structure, cfg.data.min_pixels,
                          neighbour_fraction, rng)
@@ -189,7 +193,7 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
     if shard.is_file():
         cached = torch.load(shard, map_location="cpu", weights_only=False)
         if cached.get("key") == key:
-            return cached, 0, case.spacing_xyz
+            return cached, 0, case.spacing_xyz, reaches
     embeddings = []
     for i in range(0, len(items), cfg.encode_batch):
         chunk = items[i:i + cfg.encode_batch]
@@ -207,7 +211,7 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
     tmp = shard.with_suffix(".tmp")
     torch.save(shard_data, tmp)
     tmp.replace(shard)
-    return shard_data, len(items), case.spacing_xyz
+    return shard_data, len(items), case.spacing_xyz, reaches
 
 
 def _item(d: dict[str, Any]) -> CropItem:
@@ -222,11 +226,14 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
     items: list[CropItem] = []
     embeddings, targets, native = [], [], []
     encoded, t0, spacings = 0, time.monotonic(), []
+    reaches: dict[int, list[float]] = {}
     for path in _progress(cfg, paths, f"caching {split} crops"):
-        shard, n, spacing = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine, per_structure,
+        shard, n, spacing, case_reach = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine, per_structure,
                                         neighbour_fraction, base_sha)
         encoded += n
         spacings.append(spacing)
+        for c, r in case_reach.items():
+            reaches.setdefault(int(c), []).append(r)
         shape = shard["shape"]
         items += [_item(d) for d in shard["items"]]
         embeddings.append(shard["embeddings"])
@@ -237,7 +244,9 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
     data = _Split(items, torch.cat(embeddings) if embeddings else torch.zeros(0, 256, 64, 64, dtype=torch.float16),
                   torch.cat(targets) if targets else torch.zeros(0, INPUT_SIZE, INPUT_SIZE, dtype=torch.bool), native)
     stats = {"cases": len(paths), "crops": len(items), "encoded_now": encoded, "cache_seconds": round(seconds, 1),
-             "median_spacing_xyz": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None}
+             "median_spacing_xyz": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
+             # median over cases, in middle-slice diameters: the manifest's per-label reach (propagation's bound)
+             "reach": {cfg.labels[c].name: round(float(np.median(v)), 3) for c, v in sorted(reaches.items())}}
     return data, stats
 
 
@@ -337,7 +346,8 @@ def _manifest_fields(cfg: FinetuneConfig, summary: dict[str, Any], metrics: dict
         "threshold": 0.5,
         "labels": [{"name": lab.name, "source_names": list(lab.source_names), "color": list(lab.color),
                     "roi_type": lab.roi_type, "largest_component": lab.largest_component,
-                    "fill_holes": lab.fill_holes, "mirror": lab.mirror} for lab in cfg.labels],
+                    "fill_holes": lab.fill_holes, "mirror": lab.mirror,
+                    "reach": summary["train"]["reach"].get(lab.name)} for lab in cfg.labels],
         "training": summary,
         "metrics": metrics,
     }

@@ -95,6 +95,11 @@ class LabelSpec(_Strict):
     )
     fill_holes: bool = Field(True, description="Fill enclosed holes after thresholding.")
     mirror: str | None = Field(None, description="Name of the left/right counterpart (for flip augmentation/TTA).")
+    reach: float | None = Field(
+        None, gt=0, description="Prompted engines: median distance from the structure's middle slice to its ends "
+        "in the training contours, in equivalent diameters of the middle slice (models.propagate.learned_reach); "
+        "bounds how far propagation goes past a seed."
+    )
 
 
 class WeightsInfo(_Strict):

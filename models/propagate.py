@@ -9,13 +9,14 @@ whole-slice view; the issue measured true-box Dice 0.52 whole-slice against 0.59
 A front stops when the mask vanishes, collapses (area below ``min_area_fraction`` of its seed's), jumps (grows
 more than ``max_growth`` x from one slice to the next, or no longer overlaps the previous slice), or reaches the
 extent bound (prior mode) or, beyond the outermost seeds, its *reach* (:func:`reach`: ``max_travel`` x the seed's
-equivalent diameter). The reach is a size prior, and it is needed: past an organ's end SAM keeps segmenting
-something of the same size in the previous slice's box (OpenKBP train patients 95-97: areas within ~20 % and no
-drop in the logits for 10 slices past the end), so without it fronts ran on to the volume's end (fine-tuned
-seed-mode Dice on those patients: 0.23 unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0;
-bench/propagate_reach.py). Between two seeds each slice is propagated from the nearer one, so seeds constrain
-each other. Crops of all structures and directions are encoded in batches, and encodings are cached by
-(slice, window), so seeds and evaluations that visit the same crop pay once.
+equivalent diameter; for a structure the engine's package learned, ``reach_fraction`` x its learned reach instead,
+:func:`travel_for`: a spinal cord runs ~7.5 seed diameters each way from its middle, a larynx ~0.5). The reach is a
+size prior, and it is needed: past an organ's end SAM keeps segmenting something of the same size in the previous
+slice's box (OpenKBP train patients 95-97: areas within ~20 % and no drop in the logits for 10 slices past the
+end), so without it fronts ran on to the volume's end (fine-tuned seed-mode Dice on those patients: 0.23
+unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0; bench/propagate_reach.py). Between two seeds each slice is propagated from the nearer one, so seeds constrain each
+other. Crops of all structures and directions are encoded in batches, and encodings are cached by (slice,
+window), so seeds and evaluations that visit the same crop pay once.
 
 Arrays are (Z, Y, X) as in :class:`models.types.Volume`; boxes are (x0, y0, x1, y1) inclusive pixel indices.
 """
@@ -38,11 +39,12 @@ from models.prompting import Prompt, PromptEngine, VolumePropagator
 __all__ = [
     "PropagationSettings", "CropWindow", "Seed", "StructureResult", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
-    "interior_points", "stop_reason", "keep_connected", "reach", "within_reach", "plan_fronts", "propagate",
+    "interior_points", "stop_reason", "keep_connected", "reach", "learned_reach", "travel_for", "within_reach", "plan_fronts", "propagate",
     "segment_slices", "reusable_window", "region_from_clicks", "interpolate_masks",
 ]
 
 log = logging.getLogger(__name__)
+REACH_FRACTION = 1.0  # of a structure's learned reach; chosen on OpenKBP train patients (bench/propagate_reach.py)
 OUTSIDE = -20.0  # logit written where a crop did not reach
 
 
@@ -58,6 +60,8 @@ class PropagationSettings:
     min_area_fraction: float = 0.1  # stop below this fraction of the seed's area
     max_growth: float = 2.0  # stop when the area grows more than this from one slice to the next
     max_travel: float | None = 1.0  # outward fronts go at most this x the seed's equivalent diameter (see reach)
+    reach_fraction: float | None = REACH_FRACTION  # with an engine that learned its structures' reach (a fine-
+    # tuned package): a known structure's front goes this x its learned reach instead of max_travel; None: never
     min_overlap: float = 0.3  # stop when overlap with the previous slice / the smaller area falls below
     min_pixels: int = 2
     points: bool = False  # interior clicks besides the box (measured: they hurt LiteMedSAM on compact organs)
@@ -80,6 +84,8 @@ class PropagationSettings:
             raise ValueError(f"max_growth must be > 1, got {self.max_growth}")
         if self.max_travel is not None and self.max_travel <= 0:
             raise ValueError(f"max_travel must be > 0 or None, got {self.max_travel}")
+        if self.reach_fraction is not None and self.reach_fraction <= 0:
+            raise ValueError(f"reach_fraction must be > 0 or None, got {self.reach_fraction}")
         if self.crop_reuse < 1:
             raise ValueError(f"crop_reuse must be >= 1, got {self.crop_reuse}")
         if self.slice_step < 1:
@@ -252,6 +258,29 @@ def reach(mask: np.ndarray, spacing_xyz: Sequence[float], max_travel: float) -> 
     sx, sy, sz = (float(v) for v in spacing_xyz)
     diameter_mm = 2.0 * np.sqrt(float(mask.sum()) * sx * sy / np.pi)
     return max(1, int(round(max_travel * diameter_mm / sz)))
+
+
+def learned_reach(mask: np.ndarray, spacing_xyz: Sequence[float]) -> float | None:
+    """How far a structure (3-D mask) reaches from its middle slice, in equivalent diameters of that slice: the
+    mean of its extents above and below, in mm, over the diameter of a disc of the middle slice's area (the unit of
+    ``max_travel``). None when empty. Its median over a training set is what a fine-tuned package learns."""
+    zs = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if zs.size == 0:
+        return None
+    middle = int(zs[np.argmin(np.abs(zs - (zs[0] + zs[-1]) / 2.0))])
+    sx, sy, sz = (float(v) for v in spacing_xyz)
+    diameter_mm = 2.0 * np.sqrt(float(mask[middle].sum()) * sx * sy / np.pi)
+    return float((zs[-1] - zs[0]) / 2.0 * sz / diameter_mm)
+
+
+def travel_for(name: str, engine: object, settings: PropagationSettings) -> float | None:
+    """The ``max_travel`` of structure ``name``: ``reach_fraction`` x the reach the engine learned for it (its
+    ``structure_reach``, by lower-cased name), else the settings' ``max_travel``."""
+    learned = getattr(engine, "structure_reach", None) or {}
+    r = learned.get(name.lower())
+    if r is None or settings.reach_fraction is None or settings.max_travel is None:
+        return settings.max_travel
+    return settings.reach_fraction * r
 
 
 def within_reach(seed: Seed, depth: int, spacing_xyz: Sequence[float] | None, max_travel: float | None) -> Seed:
@@ -468,7 +497,8 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
     s = settings or PropagationSettings()
     if image.ndim != 3:
         raise ModelInputError(f"image must be 3-D (Z, Y, X), got shape {image.shape}")
-    seeds = {key: within_reach(seed, image.shape[0], spacing_xyz, s.max_travel) for key, seed in seeds.items()}
+    seeds = {key: within_reach(seed, image.shape[0], spacing_xyz, travel_for(key, engine, s))
+             for key, seed in seeds.items()}
     if isinstance(engine, VolumePropagator):  # e.g. SAM2's video predictor: it tracks through the stack itself
         return engine.propagate_volume(image, seeds, s)
     cache = cache if cache is not None else EncodingCache()

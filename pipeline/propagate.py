@@ -20,7 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from models.errors import EngineError
 from models.prompting import available_engines, check_engine, load_engine
-from models.propagate import PropagationSettings, Seed, propagate
+from models.propagate import REACH_FRACTION, PropagationSettings, Seed, propagate
 from models.types import Structure, StructureSet
 from pipeline.base import PipelineInput, PipelineParams
 from pipeline.prior import run_prior
@@ -60,6 +60,11 @@ class PropagateParams(PipelineParams):
         1.0, gt=0, description="source: seed: beyond the outermost seed slice, stop after this many times the "
         "seed's equivalent diameter (a size prior: past a structure's end the engine keeps finding something); "
         "null: no limit. Seed a long structure on its first and last slices instead of raising this.")
+    reach_fraction: float | None = Field(
+        REACH_FRACTION, gt=0, description="source: seed, with a fine-tuned package that learned its structures' "
+        "reach (median distance from a structure's middle slice to its ends in its training contours, in seed "
+        "diameters): a structure it knows goes at most this fraction of that reach beyond its outermost seed "
+        "instead of max_travel; null: max_travel for every structure.")
     slice_step: int = Field(1, ge=1, le=4, description="Decode every n-th slice and interpolate the slices between "
                             "(about n times fewer encodings; a failed jump retries the next slice, so fronts end "
                             "where they would have).")
@@ -117,7 +122,8 @@ class PropagatePipeline:
             raise SeedError(f"the {len(data.structure_sets)} structure set(s) of this series hold no contoured ROI")
         engine = load_engine(p.engine, p.checkpoint)
         settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
-                                       max_travel=p.max_travel, slice_step=p.slice_step,
+                                       max_travel=p.max_travel, reach_fraction=p.reach_fraction,
+                                       slice_step=p.slice_step,
                                        crop_reuse=p.crop_reuse)
         seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
         results = propagate(engine, data.volume.array.astype("float32"), seeds, settings,

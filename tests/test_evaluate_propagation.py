@@ -159,3 +159,13 @@ def test_command_on_a_slab_of_a_real_case(tmp_path):
     # slice alone) or an empty prediction.
     assert float(rows["zero-shot seed"]["dice"]) >= 0.4 and float(rows["zero-shot truebox"]["dice"]) >= 0.4
     assert "| Larynx | 1 |" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_a_negative_reach_fraction_is_refused_before_anything_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate-propagation", str(tmp_path), "--reach-fraction", "-1",
+                                      "--out", str(tmp_path / "report")])
+    assert result.exit_code == 2 and "--reach-fraction >= 0" in result.output, result.output

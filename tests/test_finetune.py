@@ -67,6 +67,30 @@ def test_resume_continues_the_run_and_reuses_every_cached_encoding(run):
     assert manifest.training["validation"]["encoded_now"] == 0
 
 
+def test_the_package_records_how_far_each_structure_reaches_and_the_engine_uses_it(run):
+    """Each label's reach is the median over the training cases of learned_reach, recomputed from their masks."""
+    from config.finetune import load_finetune_config
+    from models.data import LabelSource, read_npz
+    from models.propagate import learned_reach, travel_for
+    from models.train import run_case_paths  # the training cases as the run chose them
+
+    tmp, _ = run
+    manifest = load_package(tmp / "run" / "package" / "hn-litemedsam").manifest
+    cfg = load_finetune_config(_config(tmp, 5))
+    train_paths, _ = run_case_paths(cfg.data)
+    labels = [LabelSource(lab["name"], tuple(lab["source_names"])) for lab in LABELS]
+    cases = [read_npz(p, labels) for p in train_paths]
+    for c, label in enumerate(manifest.labels):
+        expected = np.median([learned_reach(k.masks[c], k.spacing_xyz) for k in cases if k.present[c]])
+        assert label.reach == pytest.approx(expected, abs=1e-3)
+    assert 0.3 < manifest.labels[0].reach < 3  # a parotid reaches about its own diameter from its middle slice
+    engine = load_engine("litemedsam", str(tmp / "run" / "package" / "hn-litemedsam"))
+    assert travel_for("parotid_r", engine, PropagationSettings(reach_fraction=0.5)) == \
+        pytest.approx(0.5 * manifest.labels[0].reach)
+    assert travel_for("RightParotid", engine, PropagationSettings()) == travel_for("Parotid_R", engine,
+                                                                                   PropagationSettings())
+
+
 def test_the_package_loads_through_the_engine_registry_and_decodes_as_training_did(run):
     tmp, _ = run
     path = tmp / "run" / "package" / "hn-litemedsam"

@@ -11,7 +11,7 @@ from models.errors import EngineError, ModelInputError
 from models.propagate import (
     CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
     interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach,
-    region_from_clicks, stop_reason, within_reach,
+    region_from_clicks, stop_reason, travel_for, within_reach, learned_reach,
 )
 from pipeline_checks import dice
 
@@ -142,6 +142,28 @@ def test_outward_fronts_reach_as_far_as_the_seed_is_wide():
     assert within_reach(Seed({20: disc}, extent=(0, 59)), 60, (4.0, 4.0, 2.5), 0.5).extent == (0, 59)
 
 
+def test_learned_reach_is_the_half_extent_over_the_middle_slices_diameter():
+    disc = np.hypot(*np.mgrid[-10:11, -10:11]) <= 5  # 81 px at 4 mm: diameter ~40.6 mm
+    tube = np.zeros((40, 21, 21), bool)
+    tube[5:26] = disc  # slices 5..25: 20 slices of 2.5 mm between the ends, 25 mm each way from slice 15
+    assert learned_reach(tube, (4.0, 4.0, 2.5)) == pytest.approx(25.0 / (2 * np.sqrt(81 * 16 / np.pi)))
+    tube[15] = False  # the middle slice empty: the nearest contoured slice is the middle
+    assert learned_reach(tube, (4.0, 4.0, 2.5)) == pytest.approx(25.0 / (2 * np.sqrt(81 * 16 / np.pi)))
+    assert learned_reach(np.zeros((4, 5, 5), bool), (1.0, 1.0, 1.0)) is None
+
+
+def test_a_structure_the_engine_learned_travels_its_learned_reach():
+    class Learned:
+        structure_reach = {"spinalcord": 10.0}
+
+    s = PropagationSettings(max_travel=1.0, reach_fraction=0.5)
+    assert travel_for("SpinalCord", Learned(), s) == 5.0  # names match case-insensitively
+    assert travel_for("Parotid_L", Learned(), s) == 1.0  # not learned: max_travel
+    assert travel_for("SpinalCord", object(), s) == 1.0  # a zero-shot engine learned nothing
+    assert travel_for("SpinalCord", Learned(), PropagationSettings(reach_fraction=None)) == 1.0
+    assert travel_for("SpinalCord", Learned(), PropagationSettings(max_travel=None)) is None  # unbounded stays so
+
+
 class _BrightThingEngine:
     """A stand-in segmenter for the propagation logic: the bright pixels inside the prompt box (boxes grown by a
     few input pixels, as SAM's masks are not clipped to the box)."""
@@ -211,6 +233,8 @@ def test_neighbouring_structures_share_crops_on_the_same_slices():
 def test_settings_refuse_nonsense():
     with pytest.raises(ValueError, match="max_growth must be > 1, got 0.5"):
         PropagationSettings(max_growth=0.5)
+    with pytest.raises(ValueError, match="reach_fraction must be > 0 or None, got 0"):
+        PropagationSettings(reach_fraction=0)
 
 
 # --- the real engine on real CT ---------------------------------------------------------------------------
