@@ -10,7 +10,7 @@ The second table cuts at ``reach_fraction`` x each structure's *learned* reach i
 OpenKBP train split of :func:`models.propagate.learned_reach` (what ``dicom-node finetune`` records per label).
 ``--write-reach PKG`` writes that table into a package's manifest (how the shipped hn-litemedsam got it).
 
-    python bench/propagate_reach.py --patients 95 96 97 [--checkpoint hn-litemedsam] [--steps]
+    python bench/propagate_reach.py --patients 95 96 97 [--checkpoint hn-litemedsam] [--steps] [--follow-anatomy]
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="fine-tuned package (default: zero-shot LiteMedSAM)")
     parser.add_argument("--margin", type=int, default=10, help="slices past the clinical extent to propagate")
     parser.add_argument("--steps", action="store_true", help="print area / truth / Dice per step past the seed")
+    parser.add_argument("--follow-anatomy", action="store_true", help="every structure follows the anatomy "
+                        "(PropagationSettings.follow_anatomy 0); default: none")
     parser.add_argument("--write-reach", metavar="PKG", help="write the train split's learned reach into PKG and stop")
     args = parser.parse_args()
 
@@ -86,7 +88,8 @@ def main() -> None:
         print(f"written into {args.write_reach}")
         return
     engine = load_engine("litemedsam", args.checkpoint)
-    free = PropagationSettings(min_area_fraction=0.0, max_growth=1e9, min_overlap=0.0, max_travel=None)
+    free = PropagationSettings(min_area_fraction=0.0, max_growth=1e9, min_overlap=0.0, max_travel=None,
+                               follow_anatomy=0.0 if args.follow_anatomy else None)
     scores: dict[object, dict[str, list[float]]] = {t: {} for t in TRAVELS}
     by_fraction: dict[float, dict[str, list[float]]] = {f: {} for f in FRACTIONS}
     for number in args.patients:

@@ -381,6 +381,9 @@ def evaluate_propagation(
         reach_fraction: Annotated[Optional[float], typer.Option(
             help="Fronts of structures a checkpoint learned go this fraction of their learned reach (the propagate "
                  "pipeline's reach_fraction; default: its default); 0: max_travel for every structure.")] = None,
+        follow_anatomy: Annotated[Optional[float], typer.Option(
+            help="Structures learned to reach at least this far shift prompt boxes by the image's motion between "
+                 "slices (the propagate pipeline's follow_anatomy; default: its default); -1: none.")] = None,
         truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
                                                     "column.")] = True,
         zero_shot: Annotated[bool, typer.Option(help="Run the engine's default weights too (off: only the "
@@ -423,7 +426,9 @@ def evaluate_propagation(
         summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
                              settings=PropagationSettings(
                                  slice_step=slice_step, crop_reuse=crop_reuse,
-                                 **({} if reach_fraction is None else {"reach_fraction": reach_fraction or None})),
+                                 **({} if reach_fraction is None else {"reach_fraction": reach_fraction or None}),
+                                 **({} if follow_anatomy is None else
+                                    {"follow_anatomy": None if follow_anatomy < 0 else follow_anatomy})),
                              progress=typer.echo)
     except ModelError as exc:
         typer.echo(f"evaluation failed: {exc}", err=True)

@@ -228,8 +228,8 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
     encoded, t0, spacings = 0, time.monotonic(), []
     reaches: dict[int, list[float]] = {}
     for path in _progress(cfg, paths, f"caching {split} crops"):
-        shard, n, spacing, case_reach = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine, per_structure,
-                                        neighbour_fraction, base_sha)
+        shard, n, spacing, case_reach = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine,
+                                                    per_structure, neighbour_fraction, base_sha)
         encoded += n
         spacings.append(spacing)
         for c, r in case_reach.items():

@@ -71,7 +71,8 @@ def onnx_slices(network: torch.nn.Module) -> torch.nn.Module:
     channels = network.in_channels * (2 * network.z_context + 1)
     name = f"slices-{onnx_cpu.weights_key(network.net, str(channels))}"
     example = torch.zeros(2, channels, 64, 64)
-    network.net = onnx_cpu.OnnxModule(onnx_cpu.session(network.net, example, name, {0: "batch", 2: "rows", 3: "columns"}))
+    axes = {0: "batch", 2: "rows", 3: "columns"}
+    network.net = onnx_cpu.OnnxModule(onnx_cpu.session(network.net, example, name, axes))
     return network
 
 

@@ -2,6 +2,9 @@
 
 From each seeded slice outward, the next slice is prompted from the current mask: its bounding box, an interior
 click (several when the box describes the shape badly, e.g. a horseshoe mandible) and optionally the mask itself.
+The box of a long structure (learned reach >= ``follow_anatomy``) is first moved by the anatomy's motion between
+the two slices (:func:`anatomy_shift`): the decoder follows its box more than the image, so a cord front prompted
+with the last mask's box lagged behind the spine's curve and left the canal within ten slices.
 Every decode works on a **zoomed crop**: a square of ``crop_factor`` x the box (at least ``min_crop`` native
 pixels) resized to the engine's input. Head-and-neck organs at ~4 mm are a few dozen pixels across and vanish in a
 whole-slice view; the issue measured true-box Dice 0.52 whole-slice against 0.59 on such crops.
@@ -39,11 +42,15 @@ from models.prompting import Prompt, PromptEngine, VolumePropagator
 __all__ = [
     "PropagationSettings", "CropWindow", "Seed", "StructureResult", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
-    "interior_points", "stop_reason", "keep_connected", "reach", "learned_reach", "travel_for", "within_reach", "plan_fronts", "propagate",
+    "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach", "travel_for",
+    "follows_anatomy", "within_reach", "plan_fronts", "propagate", "FOLLOW_ANATOMY", "REACH_FRACTION",
     "segment_slices", "reusable_window", "region_from_clicks", "interpolate_masks",
 ]
 
 log = logging.getLogger(__name__)
+FOLLOW_ANATOMY = 2.0  # learned reach (seed diameters) from which a front follows the anatomy; chosen on OpenKBP
+# train patients 95-97 (bench/propagate_reach.py --follow-anatomy): it gave the cord 0.24 -> 0.54 and the esophagus
+# 0.34 -> 0.41, and cost the compact organs (reach <= 1.2: brainstem, parotids, larynx, mandible) 0.03-0.07
 REACH_FRACTION = 1.0  # of a structure's learned reach; chosen on OpenKBP train patients (bench/propagate_reach.py)
 OUTSIDE = -20.0  # logit written where a crop did not reach
 
@@ -69,6 +76,9 @@ class PropagationSettings:
     max_points: int = 3  # clicks when the mask fills its box badly (fill < poor_fill)
     poor_fill: float = 0.45
     mask_prompt: bool = False  # also give the neighbour's logits as a mask prompt
+    follow_anatomy: float | None = FOLLOW_ANATOMY  # structures whose learned reach is at least this (long, tube-like
+    # ones) have the neighbour's box shifted by the image's motion between the slices (anatomy_shift); 0: every
+    # structure; None: none
     batch: int = 8  # crops encoded per engine call
     slice_step: int = 1  # fronts decode every n-th slice and interpolate between (a failed jump retries one slice)
     crop_reuse: float = 1.0  # decode on a crop already encoded on that slice (another structure's) when it holds
@@ -86,6 +96,8 @@ class PropagationSettings:
             raise ValueError(f"max_travel must be > 0 or None, got {self.max_travel}")
         if self.reach_fraction is not None and self.reach_fraction <= 0:
             raise ValueError(f"reach_fraction must be > 0 or None, got {self.reach_fraction}")
+        if self.follow_anatomy is not None and self.follow_anatomy < 0:
+            raise ValueError(f"follow_anatomy must be >= 0 or None, got {self.follow_anatomy}")
         if self.crop_reuse < 1:
             raise ValueError(f"crop_reuse must be >= 1, got {self.crop_reuse}")
         if self.slice_step < 1:
@@ -200,6 +212,20 @@ def keep_connected(mask: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return np.isin(labels, touching)
 
 
+def anatomy_shift(image: np.ndarray, z_from: int, z_to: int, window: CropWindow,
+                  hu_window: tuple[float, float] = (-160.0, 240.0)) -> tuple[float, float]:
+    """(dx, dy) native pixels the anatomy in ``window`` moves from slice ``z_from`` to ``z_to`` (phase correlation
+    of the two crops, sub-pixel). A spinal cord follows the spine's curve a third of a pixel per slice; a front
+    prompted only with the previous mask's box lags behind it and leaves the canal within ten slices."""
+    a = crop_image(normalise(image[z_from], hu_window), window, window.side).astype(np.float64)
+    b = crop_image(normalise(image[z_to], hu_window), window, window.side).astype(np.float64)
+    (dx, dy), response = cv2.phaseCorrelate(a, b, cv2.createHanningWindow((window.side, window.side), cv2.CV_64F))
+    limit = window.side / 4  # a larger "motion" is a mismatch, not anatomy
+    if response < 0.1 or abs(dx) > limit or abs(dy) > limit:
+        return 0.0, 0.0
+    return float(dx), float(dy)
+
+
 def stop_reason(new: np.ndarray, previous: np.ndarray, seed_area: float, s: PropagationSettings) -> str | None:
     """Why a front should stop at ``new`` (vanished, collapsed, jumped), or None to go on."""
     area, prev_area = int(new.sum()), int(previous.sum())
@@ -283,6 +309,18 @@ def travel_for(name: str, engine: object, settings: PropagationSettings) -> floa
     return settings.reach_fraction * r
 
 
+def follows_anatomy(name: str, engine: object, settings: PropagationSettings) -> bool:
+    """Whether structure ``name``'s fronts shift their boxes by the anatomy's motion: ``follow_anatomy`` 0 means
+    every structure, otherwise those the engine learned to reach at least that far (long, tube-like ones; compact
+    organs change shape between slices rather than move)."""
+    if settings.follow_anatomy is None:
+        return False
+    if settings.follow_anatomy == 0:
+        return True
+    learned = (getattr(engine, "structure_reach", None) or {}).get(name.lower())
+    return learned is not None and learned >= settings.follow_anatomy
+
+
 def within_reach(seed: Seed, depth: int, spacing_xyz: Sequence[float] | None, max_travel: float | None) -> Seed:
     """``seed`` with an extent ending :func:`reach` slices beyond its outermost seed slices, unless it has an extent
     already (prior mode: the better bound) or ``max_travel`` is None. Spacing None means isotropic voxels."""
@@ -360,10 +398,12 @@ def _encode(engine: PromptEngine, image: np.ndarray, jobs: Sequence[tuple[int, C
 
 
 def _prompt(mask: np.ndarray, logits: np.ndarray | None, clicks: np.ndarray | None, window: CropWindow,
-            size: int, s: PropagationSettings) -> Prompt:
+            size: int, s: PropagationSettings, shift: tuple[float, float] = (0.0, 0.0)) -> Prompt:
     box = box_of(mask)
     assert box is not None
-    box = (box[0] - s.box_margin, box[1] - s.box_margin, box[2] + s.box_margin, box[3] + s.box_margin)
+    dx, dy = shift
+    box = (box[0] - s.box_margin + dx, box[1] - s.box_margin + dy, box[2] + s.box_margin + dx,
+           box[3] + s.box_margin + dy)
     points = labels = None
     yx = np.zeros((0, 2), int)
     if s.points:
@@ -382,7 +422,7 @@ def _prompt(mask: np.ndarray, logits: np.ndarray | None, clicks: np.ndarray | No
 
 def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], jumps: Sequence[int],
                  seeds: Mapping[str, Seed], s: PropagationSettings,
-                 cache: EncodingCache) -> list[tuple[np.ndarray, np.ndarray]]:
+                 cache: EncodingCache, follow: frozenset[str] = frozenset()) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each front's mask on the slice ``jump`` slices ahead, prompted with its current mask's box."""
     size, shape = engine.input_size, image.shape[1:]
     targets = [f.z + f.step * k for f, k in zip(fronts, jumps)]
@@ -394,8 +434,10 @@ def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], 
             held = cache.windows_on(z) + [w for j, w in enumerate(windows) if j != i and targets[j] == z]
             windows[i] = reusable_window(held, boxes[i], windows[i], s.crop_reuse) or windows[i]  # type: ignore
     embeddings = _encode(engine, image, list(zip(targets, windows)), s, cache)
-    prompts = [_prompt(f.mask, f.logits, seeds[f.key].points.get(z), w, size, s)
-               for f, z, w in zip(fronts, targets, windows)]
+    shifts = [anatomy_shift(image, f.z, z, crop_window(b, s.crop_factor, s.min_crop)) if f.key in follow
+              else (0.0, 0.0) for f, z, b in zip(fronts, targets, boxes)]  # type: ignore[arg-type]
+    prompts = [_prompt(f.mask, f.logits, seeds[f.key].points.get(z), w, size, s, sh)
+               for f, z, w, sh in zip(fronts, targets, windows, shifts)]
     logits = engine.decode(embeddings, prompts)
     out = []
     for f, w, lg in zip(fronts, windows, logits):
@@ -502,6 +544,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
     if isinstance(engine, VolumePropagator):  # e.g. SAM2's video predictor: it tracks through the stack itself
         return engine.propagate_volume(image, seeds, s)
     cache = cache if cache is not None else EncodingCache()
+    follow = frozenset(key for key in seeds if follows_anatomy(key, engine, s))
     seeds = {key: _with_click_masks(engine, image, seed, s, cache) for key, seed in seeds.items()}
     results: dict[str, StructureResult] = {}
     fronts: list[_Front] = []
@@ -521,7 +564,8 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
     while active:
         jumps = [min(_to_grid(f.z, f.step, s.slice_step), abs(f.last - f.z)) for f in active]
         retry: list[_Front] = []
-        for f, k, (new, native) in zip(active, jumps, _decode_step(engine, image, active, jumps, seeds, s, cache)):
+        decoded = _decode_step(engine, image, active, jumps, seeds, s, cache, follow)
+        for f, k, (new, native) in zip(active, jumps, decoded):
             reason = stop_reason(new, f.mask, f.seed_area, s)
             if reason is None:
                 _advance(f, k, new, native, results[f.key].mask)
@@ -529,7 +573,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
                 retry.append(f)
             else:
                 f.stop = f"{reason} at slice {f.z + f.step}"
-        retried = _decode_step(engine, image, retry, [1] * len(retry), seeds, s, cache) if retry else []
+        retried = _decode_step(engine, image, retry, [1] * len(retry), seeds, s, cache, follow) if retry else []
         for f, (new, native) in zip(retry, retried):
             reason = stop_reason(new, f.mask, f.seed_area, s)
             if reason is None:

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from models.errors import EngineError
 from models.prompting import available_engines, check_engine, load_engine
-from models.propagate import REACH_FRACTION, PropagationSettings, Seed, propagate
+from models.propagate import FOLLOW_ANATOMY, REACH_FRACTION, PropagationSettings, Seed, propagate
 from models.types import Structure, StructureSet
 from pipeline.base import PipelineInput, PipelineParams
 from pipeline.prior import run_prior
@@ -65,6 +65,12 @@ class PropagateParams(PipelineParams):
         "reach (median distance from a structure's middle slice to its ends in its training contours, in seed "
         "diameters): a structure it knows goes at most this fraction of that reach beyond its outermost seed "
         "instead of max_travel; null: max_travel for every structure.")
+    follow_anatomy: float | None = Field(
+        FOLLOW_ANATOMY, ge=0, description="Structures whose learned reach (a fine-tuned package's, see "
+        "reach_fraction) is at least this many seed diameters shift each prompt box by the image's motion between "
+        "the two slices (phase correlation around the structure) before decoding: long, thin structures that drift "
+        "with the anatomy, e.g. a spinal cord along the spine's curve, are followed instead of left behind. 0: "
+        "every structure; null: none.")
     slice_step: int = Field(1, ge=1, le=4, description="Decode every n-th slice and interpolate the slices between "
                             "(about n times fewer encodings; a failed jump retries the next slice, so fronts end "
                             "where they would have).")
@@ -108,7 +114,7 @@ class PropagatePipeline:
         if p.source == "prior":
             return run_prior(data, load_engine(p.engine, p.checkpoint), PropagationSettings(
                 min_area_fraction=p.min_area_fraction, max_growth=p.max_growth, slice_step=p.slice_step,
-                crop_reuse=p.crop_reuse),
+                crop_reuse=p.crop_reuse, follow_anatomy=p.follow_anatomy),
                 structures=p.structures,
                 deformable=p.deformable, key_slices=p.key_slices, min_agreement=p.min_agreement,
                 version=self.version)
@@ -123,7 +129,7 @@ class PropagatePipeline:
         engine = load_engine(p.engine, p.checkpoint)
         settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
                                        max_travel=p.max_travel, reach_fraction=p.reach_fraction,
-                                       slice_step=p.slice_step,
+                                       follow_anatomy=p.follow_anatomy, slice_step=p.slice_step,
                                        crop_reuse=p.crop_reuse)
         seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
         results = propagate(engine, data.volume.array.astype("float32"), seeds, settings,

@@ -11,7 +11,7 @@ from models.errors import EngineError, ModelInputError
 from models.propagate import (
     CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
     interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach,
-    region_from_clicks, stop_reason, travel_for, within_reach, learned_reach,
+    region_from_clicks, stop_reason, travel_for, within_reach, learned_reach, anatomy_shift, follows_anatomy,
 )
 from pipeline_checks import dice
 
@@ -162,6 +162,35 @@ def test_a_structure_the_engine_learned_travels_its_learned_reach():
     assert travel_for("SpinalCord", object(), s) == 1.0  # a zero-shot engine learned nothing
     assert travel_for("SpinalCord", Learned(), PropagationSettings(reach_fraction=None)) == 1.0
     assert travel_for("SpinalCord", Learned(), PropagationSettings(max_travel=None)) is None  # unbounded stays so
+
+
+def test_long_structures_follow_the_anatomy_and_compact_ones_do_not():
+    class Learned:
+        structure_reach = {"spinalcord": 7.5, "parotid_l": 0.85}
+
+    s = PropagationSettings(follow_anatomy=2.0)
+    assert follows_anatomy("SpinalCord", Learned(), s) and not follows_anatomy("Parotid_L", Learned(), s)
+    assert not follows_anatomy("Tumour", Learned(), s)  # nothing learned about it
+    assert follows_anatomy("Tumour", object(), PropagationSettings(follow_anatomy=0))  # 0: every structure
+    assert not follows_anatomy("SpinalCord", Learned(), PropagationSettings(follow_anatomy=None))
+    with pytest.raises(ValueError, match="follow_anatomy must be >= 0 or None, got -1"):
+        PropagationSettings(follow_anatomy=-1)
+
+
+def test_the_anatomys_motion_between_slices_is_measured_within_a_third_of_a_pixel():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.normal(40, 300, (64, 64)).astype(np.float32), (0, 0), 2.0)
+    moved = cv2.warpAffine(texture, np.float32([[1, 0, 1.5], [0, 1, -0.7]]), (64, 64), borderMode=cv2.BORDER_REFLECT)
+    image = np.stack([texture, moved])
+    window = CropWindow(y0=16, x0=16, side=32)
+    dx, dy = anatomy_shift(image, 0, 1, window)
+    assert abs(dx - 1.5) < 0.35 and abs(dy + 0.7) < 0.35, (dx, dy)  # measured: (1.22, -0.86)
+    bx, by = anatomy_shift(image, 1, 0, window)  # and back
+    assert abs(bx + 1.5) < 0.35 and abs(by - 0.7) < 0.35, (bx, by)
+    unrelated = np.stack([texture, rng.normal(40, 300, (64, 64)).astype(np.float32)])
+    assert anatomy_shift(unrelated, 0, 1, window) == (0.0, 0.0)  # no common anatomy: no motion, not noise
 
 
 class _BrightThingEngine:
