@@ -65,7 +65,7 @@ def cached_network(package: ModelPackage, device: str = "cpu") -> torch.nn.Modul
 def onnx_slices(network: torch.nn.Module) -> torch.nn.Module:
     """``network`` with the 2-D part of a :class:`~models.networks.SliceStack` run by ONNX Runtime: hn-oar 2.0.0
     computes 32 slices of 176² in 0.83 s instead of 1.58 s in torch eager on this 2-core CPU, logits equal
-    within 5e-5 (tests/test_organs.py). Other networks are returned unchanged."""
+    within 5e-5 (tests/test_models_package.py). Other networks are returned unchanged."""
     if not isinstance(network, SliceStack) or isinstance(network.net, onnx_cpu.OnnxModule):
         return network
     channels = network.in_channels * (2 * network.z_context + 1)

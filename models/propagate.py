@@ -17,9 +17,10 @@ equivalent diameter; for a structure the engine's package learned, ``reach_fract
 size prior, and it is needed: past an organ's end SAM keeps segmenting something of the same size in the previous
 slice's box (OpenKBP train patients 95-97: areas within ~20 % and no drop in the logits for 10 slices past the
 end), so without it fronts ran on to the volume's end (fine-tuned seed-mode Dice on those patients: 0.23
-unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0; bench/propagate_reach.py). Between two seeds each slice is propagated from the nearer one, so seeds constrain each
-other. Crops of all structures and directions are encoded in batches, and encodings are cached by (slice,
-window), so seeds and evaluations that visit the same crop pay once.
+unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0; bench/propagate_reach.py). Between two
+seeds each slice is propagated from the nearer one, so seeds constrain each other. Crops of all structures and
+directions are encoded in batches, and encodings are cached by (slice, window), so seeds and evaluations that
+visit the same crop pay once.
 
 Arrays are (Z, Y, X) as in :class:`models.types.Volume`; boxes are (x0, y0, x1, y1) inclusive pixel indices.
 """
@@ -434,7 +435,7 @@ def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], 
             held = cache.windows_on(z) + [w for j, w in enumerate(windows) if j != i and targets[j] == z]
             windows[i] = reusable_window(held, boxes[i], windows[i], s.crop_reuse) or windows[i]  # type: ignore
     embeddings = _encode(engine, image, list(zip(targets, windows)), s, cache)
-    shifts = [anatomy_shift(image, f.z, z, crop_window(b, s.crop_factor, s.min_crop)) if f.key in follow
+    shifts = [anatomy_shift(image, f.z, z, crop_window(b, s.crop_factor, s.min_crop), s.window) if f.key in follow
               else (0.0, 0.0) for f, z, b in zip(fronts, targets, boxes)]  # type: ignore[arg-type]
     prompts = [_prompt(f.mask, f.logits, seeds[f.key].points.get(z), w, size, s, sh)
                for f, z, w, sh in zip(fronts, targets, windows, shifts)]
