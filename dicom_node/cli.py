@@ -374,10 +374,15 @@ def evaluate_propagation(
                                                "register the case to a simulated follow-up and propagate from "
                                                "3 key slices, beside registration alone.")] = "seed",
         seed_slices: Annotated[int, typer.Option(help="Seed slices per structure: 1 (middle) or 3.")] = 1,
-        slice_step: Annotated[int, typer.Option(help="Fronts decode every n-th slice and interpolate between "
-                                                     "(the propagate pipeline's slice_step).")] = 1,
-        crop_reuse: Annotated[float, typer.Option(help="Share crops between structures within this size factor "
-                                                       "(the propagate pipeline's crop_reuse).")] = 1.0,
+        slice_step: Annotated[Optional[int], typer.Option(
+            help="Fronts decode every n-th slice and interpolate between (the propagate pipeline's slice_step; "
+                 "default: its default).")] = None,
+        long_slice_step: Annotated[Optional[int], typer.Option(
+            help="The slice_step of long structures (the propagate pipeline's long_slice_step; default: its "
+                 "default); 0: slice_step.")] = None,
+        crop_reuse: Annotated[Optional[float], typer.Option(
+            help="Share crops between structures within this size factor (the propagate pipeline's crop_reuse; "
+                 "default: its default).")] = None,
         reach_fraction: Annotated[Optional[float], typer.Option(
             help="Fronts of structures a checkpoint learned go this fraction of their learned reach (the propagate "
                  "pipeline's reach_fraction; default: its default); 0: max_travel for every structure.")] = None,
@@ -408,10 +413,15 @@ def evaluate_propagation(
     if seed_slices not in (1, 3):
         typer.echo(f"--seed-slices must be 1 or 3, got {seed_slices}", err=True)
         raise typer.Exit(2)
-    if not 1 <= slice_step <= 4 or not 1 <= crop_reuse <= 2 or (reach_fraction or 0) < 0:
-        typer.echo(f"--slice-step must be 1 to 4, --crop-reuse 1 to 2 and --reach-fraction >= 0, got {slice_step}, "
-                   f"{crop_reuse}, {reach_fraction}", err=True)
-        raise typer.Exit(2)
+    chosen = {"slice_step": slice_step, "long_slice_step": long_slice_step, "crop_reuse": crop_reuse,
+              "reach_fraction": reach_fraction, "follow_anatomy": follow_anatomy}
+    turned_off = {"long_slice_step": 0, "reach_fraction": 0, "follow_anatomy": -1}  # the value that means "none"
+    try:  # an option not given keeps the pipeline's default
+        settings = PropagationSettings(**{k: None if v == turned_off.get(k) else v
+                                          for k, v in chosen.items() if v is not None})
+    except ValueError as exc:
+        typer.echo(f"propagation settings: {exc}", err=True)
+        raise typer.Exit(2) from None
     _setup_logging(False)
     set_thread_count(threads)
     try:
@@ -424,12 +434,7 @@ def evaluate_propagation(
             typer.echo("nothing to run: --no-zero-shot needs a --checkpoint", err=True)
             raise typer.Exit(2)
         summaries = run_eval(runs, data, out, labels=_labels(structure), seed_count=seed_slices, limit=limit,
-                             settings=PropagationSettings(
-                                 slice_step=slice_step, crop_reuse=crop_reuse,
-                                 **({} if reach_fraction is None else {"reach_fraction": reach_fraction or None}),
-                                 **({} if follow_anatomy is None else
-                                    {"follow_anatomy": None if follow_anatomy < 0 else follow_anatomy})),
-                             progress=typer.echo)
+                             settings=settings, progress=typer.echo)
     except ModelError as exc:
         typer.echo(f"evaluation failed: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from models.errors import EngineError
 from models.prompting import available_engines, check_engine, load_engine
-from models.propagate import FOLLOW_ANATOMY, REACH_FRACTION, PropagationSettings, Seed, propagate
+from models.propagate import PropagationSettings, Seed, propagate
 from models.types import Structure, StructureSet
 from pipeline.base import PipelineInput, PipelineParams
 from pipeline.prior import run_prior
@@ -31,6 +31,7 @@ __all__ = ["PropagateParams", "PropagatePipeline", "SEED_WARNINGS"]
 SEED_WARNINGS = "seed warnings"  # key of StructureSet.notes listing skipped ROIs and rasterisation warnings
 
 log = logging.getLogger(__name__)
+DEFAULTS = PropagationSettings()  # one source of truth for the knobs both layers expose
 
 
 class PropagateParams(PipelineParams):
@@ -52,31 +53,37 @@ class PropagateParams(PipelineParams):
     checkpoint: str | None = Field(
         None, validate_default=True, description="A fine-tuned model package (name or folder) replacing the "
         "engine's default weights; for engine sam2 (no default weights), the path of a SAM2 / MedSAM2 .pt file.")
-    min_area_fraction: float = Field(0.1, ge=0, lt=1, description="Stop a direction when the mask's area falls "
-                                     "below this fraction of its seed's.")
-    max_growth: float = Field(2.0, gt=1, description="Stop a direction when the area grows more than this "
-                              "factor from one slice to the next (leak into a neighbour).")
+    min_area_fraction: float = Field(
+        DEFAULTS.min_area_fraction, ge=0, lt=1, description="Stop a direction when the mask's area falls below "
+        "this fraction of its seed's.")
+    max_growth: float = Field(
+        DEFAULTS.max_growth, gt=1, description="Stop a direction when the area grows more than this factor from "
+        "one slice to the next (leak into a neighbour).")
     max_travel: float | None = Field(
-        1.0, gt=0, description="source: seed: beyond the outermost seed slice, stop after this many times the "
-        "seed's equivalent diameter (a size prior: past a structure's end the engine keeps finding something); "
-        "null: no limit. Seed a long structure on its first and last slices instead of raising this.")
+        DEFAULTS.max_travel, gt=0, description="source: seed: beyond the outermost seed slice, stop after this many "
+        "times the seed's equivalent diameter (a size prior: past a structure's end the engine keeps finding "
+        "something); null: no limit. Seed a long structure on its first and last slices instead of raising this.")
     reach_fraction: float | None = Field(
-        REACH_FRACTION, gt=0, description="source: seed, with a fine-tuned package that learned its structures' "
-        "reach (median distance from a structure's middle slice to its ends in its training contours, in seed "
-        "diameters): a structure it knows goes at most this fraction of that reach beyond its outermost seed "
-        "instead of max_travel; null: max_travel for every structure.")
+        DEFAULTS.reach_fraction, gt=0, description="source: seed, with a fine-tuned package that learned its "
+        "structures' reach (median distance from a structure's middle slice to its ends in its training contours, "
+        "in seed diameters): a structure it knows goes at most this fraction of that reach beyond its outermost "
+        "seed instead of max_travel; null: max_travel for every structure.")
     follow_anatomy: float | None = Field(
-        FOLLOW_ANATOMY, ge=0, description="Structures whose learned reach (a fine-tuned package's, see "
+        DEFAULTS.follow_anatomy, ge=0, description="Structures whose learned reach (a fine-tuned package's, see "
         "reach_fraction) is at least this many seed diameters shift each prompt box by the image's motion between "
         "the two slices (phase correlation around the structure) before decoding: long, thin structures that drift "
         "with the anatomy, e.g. a spinal cord along the spine's curve, are followed instead of left behind. 0: "
         "every structure; null: none.")
-    slice_step: int = Field(1, ge=1, le=4, description="Decode every n-th slice and interpolate the slices between "
-                            "(about n times fewer encodings; a failed jump retries the next slice, so fronts end "
-                            "where they would have).")
-    crop_reuse: float = Field(1.0, ge=1, le=2, description="Decode a structure on a crop another structure already "
-                              "encoded on that slice when it holds the box and its side is within this factor of "
-                              "the ideal crop's (1: every structure its own crops).")
+    slice_step: int = Field(DEFAULTS.slice_step, ge=1, le=8, description="Decode every n-th slice and "
+                            "interpolate the slices between (about n times fewer encodings, the bulk of the time; a "
+                            "failed jump retries the next slice, so fronts end where they would have).")
+    long_slice_step: int | None = Field(
+        DEFAULTS.long_slice_step, ge=1, le=16, description="The slice_step of long structures (those that follow "
+        "the anatomy, see follow_anatomy): a spinal cord changes little from slice to slice and would otherwise "
+        "take half a case's crops; null: slice_step.")
+    crop_reuse: float = Field(DEFAULTS.crop_reuse, ge=1, le=2, description="Decode a structure on a crop another "
+                              "structure already encoded on that slice when it holds the box and its side is "
+                              "within this factor of the ideal crop's (1: every structure its own crops).")
 
     def needs_prior_study(self) -> bool:
         return self.source == "prior"
@@ -114,7 +121,7 @@ class PropagatePipeline:
         if p.source == "prior":
             return run_prior(data, load_engine(p.engine, p.checkpoint), PropagationSettings(
                 min_area_fraction=p.min_area_fraction, max_growth=p.max_growth, slice_step=p.slice_step,
-                crop_reuse=p.crop_reuse, follow_anatomy=p.follow_anatomy),
+                long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse, follow_anatomy=p.follow_anatomy),
                 structures=p.structures,
                 deformable=p.deformable, key_slices=p.key_slices, min_agreement=p.min_agreement,
                 version=self.version)
@@ -130,7 +137,7 @@ class PropagatePipeline:
         settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
                                        max_travel=p.max_travel, reach_fraction=p.reach_fraction,
                                        follow_anatomy=p.follow_anatomy, slice_step=p.slice_step,
-                                       crop_reuse=p.crop_reuse)
+                                       long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse)
         seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
         results = propagate(engine, data.volume.array.astype("float32"), seeds, settings,
                             spacing_xyz=data.volume.spacing)

@@ -241,6 +241,34 @@ def test_stepping_over_slices_interpolates_and_ends_where_single_steps_end():
     assert np.array_equal(mid, np.hypot(yy[0] - 24, xx[0] - 24) <= 6)
 
 
+def test_long_structures_take_longer_steps():
+    """A cord 50 slices long that the engine learned to be long (reach >= follow_anatomy): with long_slice_step it
+    is decoded every 6th slice instead of every 2nd, ends where it did, and the compact organ beside it is not
+    affected."""
+
+    class LearnedBrightThing(_BrightThingEngine):
+        structure_reach = {"cord": 7.5, "organ": 1.0}
+
+    zz, yy, xx = np.mgrid[0:60, 0:64, 0:64]
+    cord = (np.hypot(yy - 40 - (zz - 30) / 10, xx - 32) <= 3) & (zz >= 5) & (zz < 55)
+    organ = (np.hypot(yy - 16, xx - 32) <= 6) & (np.abs(zz - 30) <= 6)
+    image = np.where(cord | organ, 100.0, -500.0)
+    seeds = {"cord": Seed({30: cord[30]}), "organ": Seed({30: organ[30]})}
+    found, encoded = {}, {}
+    for long_step in (None, 6):
+        engine = LearnedBrightThing()
+        settings = PropagationSettings(slice_step=2, long_slice_step=long_step, reach_fraction=None,
+                                       max_travel=None, follow_anatomy=2.0)
+        found[long_step] = propagate(engine, image, seeds, settings)
+        encoded[long_step] = engine.encoded
+    assert encoded[6] < 0.75 * encoded[None], encoded
+    for long_step in (None, 6):
+        assert dice(found[long_step]["cord"].mask, cord) > 0.95 and dice(found[long_step]["organ"].mask, organ) > 0.95
+    assert np.array_equal(found[6]["organ"].mask, found[None]["organ"].mask)
+    with pytest.raises(ValueError, match="long_slice_step must be >= 1 or None, got 0"):
+        PropagationSettings(long_slice_step=0)
+
+
 def test_neighbouring_structures_share_crops_on_the_same_slices():
     """A thin tube beside a thicker cord: the cord's crop holds the tube's box, so with crop_reuse the tube is
     decoded on it wherever the cord's front has been, instead of on a crop of its own."""
