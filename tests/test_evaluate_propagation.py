@@ -161,11 +161,16 @@ def test_command_on_a_slab_of_a_real_case(tmp_path):
     assert "| Larynx | 1 |" in (tmp_path / "report" / "summary.md").read_text()
 
 
-def test_a_negative_reach_fraction_is_refused_before_anything_loads(tmp_path):
+@pytest.mark.parametrize("option, value, message", [
+    ("--reach-fraction", "-1", "reach_fraction must be > 0 or None, got -1.0"),
+    ("--long-slice-step", "-2", "long_slice_step must be >= 1 or None, got -2"),
+    ("--crop-reuse", "0.5", "crop_reuse must be >= 1, got 0.5"),
+])
+def test_a_nonsensical_propagation_option_is_refused_before_anything_loads(tmp_path, option, value, message):
     from typer.testing import CliRunner
 
     from dicom_node.cli import app
 
-    result = CliRunner().invoke(app, ["evaluate-propagation", str(tmp_path), "--reach-fraction", "-1",
+    result = CliRunner().invoke(app, ["evaluate-propagation", str(tmp_path), option, value,
                                       "--out", str(tmp_path / "report")])
-    assert result.exit_code == 2 and "--reach-fraction >= 0" in result.output, result.output
+    assert result.exit_code == 2 and f"propagation settings: {message}" in result.output, result.output
