@@ -22,11 +22,12 @@ from pipeline.rtstruct import build_rtstruct
 from pipeline_checks import dciodvfy_errors, dice, plastimatch_masks, save
 
 # Measured through this node on this slab (zero-shot LiteMedSAM, deterministic): Parotid_R from 1 seed slice
-# 0.547, CTV_test (the left parotid) from 3 seed slices 0.514, after the RTSTRUCT round trip (rasterised seed,
-# contours back, plastimatch); before fronts were bounded by their reach (max_travel) Parotid_R scored 0.442.
+# 0.613, CTV_test (the left parotid) from 3 seed slices 0.575, after the RTSTRUCT round trip (rasterised seed,
+# contours back, plastimatch); decoding every slice they scored 0.547 and 0.514, and before fronts were bounded by
+# their reach (max_travel) Parotid_R scored 0.442.
 # Whole-volume figures are in README ("Tumour pipeline"). The thresholds sit just under the measured values; a
 # chain that returns only the seed slices scores ~0.1 and ~0.3.
-MIN_DICE = {"Parotid_R": 0.50, "CTV_test": 0.45}
+MIN_DICE = {"Parotid_R": 0.58, "CTV_test": 0.55}
 
 RULES = """rules:
   - name: seeded CT
