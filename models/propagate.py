@@ -18,9 +18,10 @@ size prior, and it is needed: past an organ's end SAM keeps segmenting something
 slice's box (OpenKBP train patients 95-97: areas within ~20 % and no drop in the logits for 10 slices past the
 end), so without it fronts ran on to the volume's end (fine-tuned seed-mode Dice on those patients: 0.23
 unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0; bench/propagate_reach.py). Between two
-seeds each slice is propagated from the nearer one, so seeds constrain each other. Crops of all structures and
-directions are encoded in batches, and encodings are cached by (slice, window), so seeds and evaluations that
-visit the same crop pay once.
+seeds each slice is propagated from the nearer one, so seeds constrain each other. Fronts decode every
+``slice_step``-th slice (long structures every ``long_slice_step``-th) and interpolate the slices between: the
+encoder is nearly all of the time. Crops of all structures and directions are encoded in batches, and encodings
+are cached by (slice, window), so seeds and evaluations that visit the same crop pay once.
 
 Arrays are (Z, Y, X) as in :class:`models.types.Volume`; boxes are (x0, y0, x1, y1) inclusive pixel indices.
 """
