@@ -2,8 +2,8 @@
 
 A module is exported once (tens of seconds on a busy 2-core CPU) and the graph kept in a cache folder keyed by
 its weights (``$DICOM_NODE_CACHE``, default ``~/.cache/dicom-node``, under ``onnx/``); an unwritable cache only
-costs the export. Used for the LiteMedSAM image encoder (:mod:`models.litemedsam`) and the organ models' slice
-network (:func:`models.organs.cached_network`).
+costs the export. Used for the LiteMedSAM image encoder and box-prompted mask decoder (:mod:`models.litemedsam`)
+and the organ models' slice network (:func:`models.organs.cached_network`).
 """
 
 from __future__ import annotations
@@ -48,28 +48,32 @@ def weights_key(module: torch.nn.Module, salt: str = "") -> str:
     return digest.hexdigest()[:32]
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, dynamic_axes: dict[int, str] | None) -> bytes:
+def _export(module: torch.nn.Module, examples: tuple[torch.Tensor, ...], input_names: list[str],
+            dynamic_axes: dict[int, str] | None) -> bytes:
     buffer = io.BytesIO()
-    axes = {"input": dynamic_axes, "output": dynamic_axes} if dynamic_axes else None
+    axes = {n: dynamic_axes for n in [*input_names, "output"]} if dynamic_axes else None
     with warnings.catch_warnings():  # the TorchScript exporter warns about its own deprecation and traced shapes
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), buffer, input_names=["input"], output_names=["output"],
+        torch.onnx.export(module.eval(), examples, buffer, input_names=input_names, output_names=["output"],
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     return buffer.getvalue()
 
 
-def session(module: torch.nn.Module, example: torch.Tensor, name: str,
+def session(module: torch.nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], name: str,
             dynamic_axes: dict[int, str] | None = None) -> Any:
-    """An ONNX Runtime session computing ``module`` (one input, one output), with the graph cached as
-    ``<name>.onnx``; ``name`` must change with the weights (see :func:`weights_key`). Threads: torch's current
-    count (the worker's budget, :mod:`models.threads`)."""
+    """An ONNX Runtime session computing ``module`` (one output; its inputs named ``input``, or ``input0``,
+    ``input1`` ... when ``example`` is a tuple), with the graph cached as ``<name>.onnx``; ``name`` must change
+    with the weights (see :func:`weights_key`). Threads: torch's current count (the worker's budget,
+    :mod:`models.threads`)."""
     import onnxruntime as ort
 
+    examples = example if isinstance(example, tuple) else (example,)
+    names = [f"input{i}" for i in range(len(examples))] if isinstance(example, tuple) else ["input"]
     path = cache_dir() / f"{name}.onnx"
     try:
         graph = path.read_bytes()
     except OSError:
-        graph = _export(module, example, dynamic_axes)
+        graph = _export(module, examples, names, dynamic_axes)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as fh:

@@ -327,6 +327,29 @@ def test_engine_decodes_a_box_on_a_real_slice(engine, case):
     assert dice(found[z], truth[z]) > 0.5  # the widest mandible slice, prompted with its own box
 
 
+def test_on_cpu_box_prompts_decode_in_onnx_runtime_with_torchs_logits(engine, case):
+    """The default engine on CPU decodes box-only prompts in ONNX Runtime; on real crops of a parotid its logits
+    are torch's (same weights, no quantisation), and point prompts still take the torch path."""
+    from models.litemedsam import LiteMedSamEngine
+    from models.prompting import Prompt
+    from models.propagate import normalise
+
+    assert engine.backend == "onnxruntime" and engine._box_session is not None
+    in_torch = LiteMedSamEngine(engine.net, engine.version, backend="torch")
+    truth = case.masks["RightParotid"].astype(bool)
+    zs = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[::4][:3]
+    windows = [crop_window(box_of(truth[z]), 2.0, 24) for z in zs]
+    crops = np.stack([crop_image(normalise(case.ct[z].astype(np.float32), SETTINGS.window), w, 256)
+                      for z, w in zip(zs, windows)])
+    embeddings = engine.encode(crops)
+    prompts = [Prompt(box=box_to_input(box_of(truth[z]), w, 256)) for z, w in zip(zs, windows)]
+    fast, slow = engine.decode(embeddings, prompts), in_torch.decode(embeddings, prompts)
+    assert np.abs(fast - slow).max() < 1e-3
+    assert ((fast > 0).sum(axis=(1, 2)) > 100).all()  # a parotid in every crop, not an empty answer
+    clicked = [Prompt(box=p.box, points=np.array([[128.0, 128.0]]), labels=np.array([1])) for p in prompts]
+    assert np.abs(engine.decode(embeddings, clicked) - in_torch.decode(embeddings, clicked)).max() < 1e-3
+
+
 def test_seeds_bound_the_slab_and_seed_slices_are_kept(engine, case):
     truth = case.masks["SpinalCord"].astype(bool)
     zs = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
