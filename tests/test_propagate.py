@@ -265,6 +265,8 @@ def test_long_structures_take_longer_steps():
     for long_step in (None, 6):
         assert dice(found[long_step]["cord"].mask, cord) > 0.95 and dice(found[long_step]["organ"].mask, organ) > 0.95
     assert np.array_equal(found[6]["organ"].mask, found[None]["organ"].mask)
+    ends = {k: tuple(np.flatnonzero(r["cord"].mask.any(axis=(1, 2)))[[0, -1]]) for k, r in found.items()}
+    assert ends[6] == ends[None], ends
     with pytest.raises(ValueError, match="long_slice_step must be >= 1 or None, got 0"):
         PropagationSettings(long_slice_step=0)
 
