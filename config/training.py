@@ -63,6 +63,8 @@ class LabelConfig(_Strict):
     largest_component: bool = Field(True, description="Post-processing: keep the main connected component(s).")
     fill_holes: bool = Field(True, description="Post-processing: fill enclosed holes.")
     mirror: str | None = Field(None, description="Left/right counterpart, swapped on mirror augmentation and TTA.")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Probability threshold for this structure; network.threshold if unset.")
     sample_weight: float = Field(
         1.0, gt=0, description="How often foreground patches centre on this structure, relative to the others "
                                "(raise it for a small organ the network is slow to learn).")

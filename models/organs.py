@@ -68,7 +68,7 @@ def onnx_slices(network: torch.nn.Module) -> torch.nn.Module:
     within 5e-5 (tests/test_models_package.py). Other networks are returned unchanged."""
     if not isinstance(network, SliceStack) or isinstance(network.net, onnx_cpu.OnnxModule):
         return network
-    channels = network.in_channels * (2 * network.z_context + 1)
+    channels = network.slice_channels
     name = f"slices-{onnx_cpu.weights_key(network.net, str(channels))}"
     example = torch.zeros(2, channels, 64, 64)
     axes = {0: "batch", 2: "rows", 3: "columns"}
@@ -248,9 +248,8 @@ def segment(
         back = resample(np.moveaxis(prob, 0, -1), manifest.target_spacing, spacing_xyz, image_zyx.shape)
     if back.ndim == 3:  # a single channel comes back without the vector axis
         back = back[..., None]
-    return {
-        spec.name: postprocess(back[..., c] >= manifest.threshold, spec) for c, spec in enumerate(manifest.labels)
-    }
+    cuts = manifest.label_thresholds()
+    return {spec.name: postprocess(back[..., c] >= cuts[c], spec) for c, spec in enumerate(manifest.labels)}
 
 
 def segment_volume(volume: Volume, package: ModelPackage | Manifest, **kwargs: object) -> list[Structure]:

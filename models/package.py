@@ -95,6 +95,10 @@ class LabelSpec(_Strict):
     )
     fill_holes: bool = Field(True, description="Fill enclosed holes after thresholding.")
     mirror: str | None = Field(None, description="Name of the left/right counterpart (for flip augmentation/TTA).")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Probability threshold for this label; the manifest's ``threshold`` if unset "
+        "(a small organ the network draws too thin may be better cut lower: bench/organ_threshold.py)."
+    )
     reach: float | None = Field(
         None, gt=0, description="Prompted engines: median distance from the structure's middle slice to its ends "
         "in the training contours, in equivalent diameters of the middle slice (models.propagate.learned_reach); "
@@ -125,6 +129,10 @@ class Manifest(_Strict):
     weights: WeightsInfo
     training: dict[str, Any] = Field(default_factory=dict, description="Training data summary and settings.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Metrics on the validation set.")
+
+    def label_thresholds(self) -> list[float]:
+        """The probability threshold of each output channel."""
+        return [self.threshold if lab.threshold is None else lab.threshold for lab in self.labels]
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> "Manifest":

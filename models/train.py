@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from config.training import NpzData, TrainingConfig
 from models.data import KeyMap, LabelSource, find_cases, read_npz
 from models.errors import ModelInputError, TrainingError
-from models.networks import build_network
+from models.networks import build_network, expand_input_weights
 from models.organs import normalise, resample, resolve_device
 from models.package import Intensity, Manifest, ModelPackage, write_package
 
@@ -126,16 +126,26 @@ def _resident(case: PreparedCase, device: str) -> _Resident:
 
 
 def _sample_patch(
-    case: _Resident, patch: tuple[int, int, int], rng: np.random.Generator, centre: np.ndarray | None
+    case: _Resident, patch: tuple[int, int, int], rng: np.random.Generator, centre: np.ndarray | None,
+    z_margin: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A patch of ``case``; along Z it may start ``z_margin`` slices before the volume or end as far after it, with
+    the end slices repeated as inference pads them (a slice network's neighbours), so the volume's first and last
+    slices are trained too. Y and X stay inside the volume where it is large enough, else pad with air."""
     shape = case.image.shape
+    lo = [-z_margin, 0, 0]
+    hi = [max(n - p + m, l) for n, p, m, l in zip(shape, patch, (z_margin, 0, 0), lo)]
     if centre is not None:
-        start = [int(np.clip(c - p // 2, 0, max(n - p, 0))) for c, p, n in zip(centre, patch, shape)]
+        start = [int(np.clip(c - p // 2, l, h)) for c, p, l, h in zip(centre, patch, lo, hi)]
     else:
-        start = [int(rng.integers(0, max(n - p, 0) + 1)) for p, n in zip(patch, shape)]
-    sl = tuple(slice(s, s + p) for s, p in zip(start, patch))
-    img, msk = case.image[sl], case.masks[(slice(None), *sl)]
-    pad = [q for p, n in zip(reversed(patch), reversed(img.shape)) for q in (0, p - n)]
+        start = [int(rng.integers(l, h + 1)) for l, h in zip(lo, hi)]
+    zs = torch.arange(start[0], start[0] + patch[0], device=case.image.device)
+    inside = ((zs >= 0) & (zs < shape[0])).to(case.masks.dtype)
+    zs = zs.clamp(0, shape[0] - 1)
+    yx = (slice(start[1], start[1] + patch[1]), slice(start[2], start[2] + patch[2]))
+    img = case.image[zs][(slice(None), *yx)]
+    msk = case.masks[:, zs][(slice(None), slice(None), *yx)] * inside[None, :, None, None]
+    pad = [q for p, n in zip(reversed(patch[1:]), reversed(img.shape[1:])) for q in (0, p - n)]
     if any(pad):
         img = F.pad(img, pad, value=case.pad_value)
         msk = F.pad(msk, pad)
@@ -156,9 +166,11 @@ def _rotation(rng: np.random.Generator, cfg: TrainingConfig) -> np.ndarray:
 
 def augment(
     image: torch.Tensor, masks: torch.Tensor, present: torch.Tensor, cfg: TrainingConfig,
-    mirror_perm: list[int], rng: np.random.Generator,
+    mirror_perm: list[int], rng: np.random.Generator, z_crop: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Augment a batch (B,1,Z,Y,X) image, (B,C,Z,Y,X) float masks, (B,C) present, on their device."""
+    """Augment a batch (B,1,Z,Y,X) image, (B,C,Z,Y,X) float masks, (B,C) present, on their device. The masks come
+    back without ``z_crop`` slices at each end: a slice network's context slices need no labels, and resampling
+    seven label channels over a 52-slice patch cost more than the network step."""
     a = cfg.augment
     b = image.shape[0]
     for i in range(b):
@@ -174,7 +186,10 @@ def augment(
         t = torch.as_tensor(theta, dtype=torch.float32, device=image.device)
         grid = F.affine_grid(t, list(image.shape), align_corners=False)
         image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid = grid[:, z_crop : grid.shape[1] - z_crop]  # where the kept slices sample the whole patch's masks
         masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).float()
+    elif z_crop:
+        masks = masks[:, :, z_crop:-z_crop]
     scale = torch.as_tensor(1 + rng.uniform(-a.intensity_scale, a.intensity_scale, b), dtype=torch.float32)
     shift = torch.as_tensor(rng.uniform(-a.intensity_shift, a.intensity_shift, b), dtype=torch.float32)
     image = image * scale.view(b, 1, 1, 1, 1).to(image.device) + shift.view(b, 1, 1, 1, 1).to(image.device)
@@ -214,7 +229,7 @@ def validate(net: torch.nn.Module, cases: list[_Resident], manifest: Manifest, d
     from models.organs import network_logits
 
     net.eval()
-    cut = math.log(manifest.threshold / (1 - manifest.threshold))
+    cut = torch.tensor([math.log(t / (1 - t)) for t in manifest.label_thresholds()], device=device).view(-1, 1, 1, 1)
     scores: dict[str, list[float]] = {lab.name: [] for lab in manifest.labels}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     with torch.inference_mode(), amp:
@@ -248,7 +263,7 @@ def manifest_fields(cfg: TrainingConfig, summary: dict[str, Any], metrics: dict[
         "labels": [
             {"name": lab.name, "source_names": list(lab.source_names), "color": list(lab.color),
              "roi_type": lab.roi_type, "largest_component": lab.largest_component, "fill_holes": lab.fill_holes,
-             "mirror": lab.mirror}
+             "mirror": lab.mirror, "threshold": lab.threshold}
             for lab in cfg.labels
         ],
         "training": summary,
@@ -295,7 +310,8 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _batch(
-    cases: list[_Resident], by_label: list[list[int]], cfg: TrainingConfig, rng: np.random.Generator
+    cases: list[_Resident], by_label: list[list[int]], cfg: TrainingConfig, rng: np.random.Generator,
+    z_margin: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch; foreground patches pick a structure (uniformly, or by the labels' ``sample_weight``: rare organs are
     seen as often as common ones), then a case holding it, then one of its voxels as the patch centre."""
@@ -313,15 +329,25 @@ def _batch(
             centre = case.foreground[c][int(rng.integers(len(case.foreground[c])))]
         else:
             case = cases[int(rng.integers(len(cases)))]
-        img, msk = _sample_patch(case, cfg.network.patch_size, rng, centre)
+        img, msk = _sample_patch(case, cfg.network.patch_size, rng, centre, z_margin)
         imgs.append(img)
         msks.append(msk)
         pres.append(case.present)
     return torch.stack(imgs)[:, None], torch.stack(msks).float(), torch.stack(pres)
 
 
-def _initial_weights(cfg: TrainingConfig) -> dict[str, torch.Tensor]:
-    """The weights of the package ``cfg.init_from``, checked against the configured network and labels."""
+def _grows_far_context(have: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether slice-network params ``want`` only add far offsets after ``have``'s (the channels they append can
+    start at zero weight)."""
+    far_have, far_want = list(have.get("far", [])), list(want.get("far", []))
+    rest = {k: v for k, v in have.items() if k != "far"} == {k: v for k, v in want.items() if k != "far"}
+    return rest and len(far_want) > len(far_have) and far_want[: len(far_have)] == far_have
+
+
+def _initial_weights(cfg: TrainingConfig, target: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of the package ``cfg.init_from``, checked against the configured network and labels. A slice
+    network configured with more ``far`` offsets than the package's starts from its weights with the new input
+    channels at zero (:func:`~models.networks.expand_input_weights`) to fit ``target``, the new network's state."""
     from models.package import find_package, load_package
 
     ref = cfg.init_from or ""
@@ -331,13 +357,18 @@ def _initial_weights(cfg: TrainingConfig) -> dict[str, torch.Tensor]:
     problems = []
     if m.label_names != [lab.name for lab in cfg.labels]:
         problems.append(f"labels {m.label_names} differ from the config's {[lab.name for lab in cfg.labels]}")
-    if (m.architecture.name, m.architecture.params) != (wanted["name"], wanted["params"]):
+    grows = m.architecture.name == wanted["name"] == "slices.UNet" and _grows_far_context(m.architecture.params,
+                                                                                          wanted["params"])
+    if (m.architecture.name, m.architecture.params) != (wanted["name"], wanted["params"]) and not grows:
         problems.append(f"architecture {m.architecture.name} {m.architecture.params} differs from the config's "
                         f"{wanted['name']} {wanted['params']}")
     if problems:
         raise TrainingError(f"init_from {ref}: " + "; ".join(problems))
     state = torch.load(package.weights_path, map_location="cpu", weights_only=True)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if grows and target is not None:
+        state = expand_input_weights(state, target, int(wanted["params"].get("in_channels", 1)))
+    return state
 
 
 def train(cfg: TrainingConfig) -> TrainResult:
@@ -380,7 +411,7 @@ def train(cfg: TrainingConfig) -> TrainResult:
         best_dice, best_epoch = state["best_dice"], state["best_epoch"]
         log.info("resumed from %s at epoch %d", last, start_epoch)
     elif cfg.init_from:
-        net.load_state_dict(_initial_weights(cfg))
+        net.load_state_dict(_initial_weights(cfg, net.state_dict()))
         log.info("starting from the weights of %s", cfg.init_from)
 
     fields = manifest_fields(cfg, {}, {})
@@ -402,14 +433,11 @@ def train(cfg: TrainingConfig) -> TrainResult:
         losses = []
         bar = _progress(cfg, epoch)
         for _ in bar:
-            image, masks, present = _batch(resident, by_label, cfg, rng)
-            image, masks, present = augment(image, masks, present, cfg, perm, rng)
+            image, masks, present = _batch(resident, by_label, cfg, rng, z_context)
+            # a slice-wise network's patch end slices only serve as neighbours: no labels, no outputs there
+            image, masks, present = augment(image, masks, present, cfg, perm, rng, z_context)
             with autocast:
-                if z_context:  # slice-wise network: the patch's end slices only serve as neighbours
-                    logits = net.forward_valid(image)
-                    masks = masks[:, :, z_context:-z_context]
-                else:
-                    logits = net(image)
+                logits = net.forward_valid(image) if z_context else net(image)
             loss = masked_loss(logits, masks, present, cfg.optim.dice_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()

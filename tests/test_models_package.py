@@ -137,6 +137,22 @@ def test_segment_volume_is_independent_of_slice_order(package):
         assert np.array_equal(a[name], b[name][::-1])
 
 
+def test_a_labels_own_threshold_overrides_the_manifests(package, tmp_path):
+    """labels[].threshold cuts that label's probabilities; the others keep the manifest's threshold."""
+    from models.organs import segment
+
+    image = np.random.default_rng(0).normal(0, 300, (8, 24, 24)).astype(np.float32)
+    spacing = (4.0, 4.0, 3.0)
+    base = segment(image, spacing, package)
+    labels = [dict(LABELS[0], threshold=0.95), *LABELS[1:]]
+    state = torch.load(package.weights_path, weights_only=True)
+    strict = write_package(tmp_path / "strict", _fields(labels=labels), state)
+    assert strict.manifest.label_thresholds() == [0.95, 0.5, 0.5]
+    cut = segment(image, spacing, strict)
+    assert base["Parotid_R"].sum() > cut["Parotid_R"].sum()
+    assert all(np.array_equal(base[n], cut[n]) for n in ("Parotid_L", "Brainstem"))
+
+
 def test_rules_naming_an_unknown_model_are_refused():
     from pipeline.base import load_pipeline, validate_params
     from pipeline.errors import PipelineParamsError

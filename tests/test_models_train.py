@@ -66,6 +66,15 @@ def test_training_lowers_the_loss_resumes_and_writes_a_usable_package(tmp_path):
     first = yaml.safe_load((tmp_path / "tuned" / "history.json").read_text())[0]
     assert first["loss"] < history[0]["loss"] - 0.05
 
+    # ... so does one whose network adds far slices to the package's (their inputs start at zero weight)
+    grown = {**cfg["network"], "params": {**cfg["network"]["params"], "far": [3]}, "patch_size": [10, 64, 64]}
+    tuned.write_text(yaml.safe_dump({**cfg, "network": grown, "output_dir": str(tmp_path / "grown"),
+                                     "init_from": "run/package/tiny"}))
+    result = CliRunner().invoke(app, ["train", "--config", str(tuned), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "grown" / "history.json").read_text())[0]["loss"] < history[0]["loss"] - 0.05
+    assert load_package(tmp_path / "grown" / "package" / "tiny").manifest.architecture.params["far"] == [3]
+
     # ... and a package whose labels differ is refused with the reason
     tuned.write_text(yaml.safe_dump({**cfg, "labels": cfg["labels"][:2], "output_dir": str(tmp_path / "other"),
                                      "init_from": "run/package/tiny"}))
@@ -164,3 +173,53 @@ def test_the_example_configs_rebuild_the_shipped_model_and_fine_tune_it():
     assert finetune.init_from == "hn-oar"
     shipped_weights = torch.load(find_package("hn-oar").weights_path, weights_only=True)
     assert set(_initial_weights(finetune)) == set(shipped_weights)
+
+def test_far_context_slices_grow_a_slice_network_without_changing_what_it_computes():
+    """A slice network given far slices (hn-oar 2.1.0: 4, 8, 16, 24 slices away) and started from a smaller one's
+    weights computes exactly what the smaller one did; far offsets inside the near context are refused."""
+    import pytest
+    import torch
+
+    from models.errors import ModelPackageError
+    from models.networks import build_network, expand_input_weights
+
+    params = {"context": 1, "channels": [8, 16, 32], "strides": [1, 2], "norm": "BATCH", "in_channels": 1,
+              "out_channels": 2}
+    torch.manual_seed(0)
+    near = build_network("slices.UNet", params).eval()
+    grown = build_network("slices.UNet", {**params, "far": [3, 5]}).eval()
+    assert grown.offsets == (-1, 0, 1, -3, 3, -5, 5) and grown.z_context == 5 and grown.slice_channels == 7
+    before = {k: v.clone() for k, v in grown.state_dict().items()}
+    grown.load_state_dict(expand_input_weights(near.state_dict(), grown.state_dict()))
+    assert any(not torch.equal(before[k], v) for k, v in grown.state_dict().items())
+    x = torch.randn(1, 1, 12, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(near(x), grown(x), atol=1e-5)
+        # the far slices do reach the output once their weights are not zero
+        first = next(k for k, v in grown.state_dict().items() if v.ndim == 4 and v.shape[1] == 7)
+        grown.state_dict()[first][:, 3:] = 1.0
+        assert not torch.allclose(near(x), grown(x), atol=1e-3)
+    with pytest.raises(ModelPackageError, match="far offsets"):
+        build_network("slices.UNet", {**params, "far": [1]})
+
+
+def test_patches_reach_past_the_volume_ends_with_repeated_end_slices():
+    """With a z margin (a slice network's context), a patch may hang over either end of the volume: the image
+    repeats its end slices as inference pads them, labels are empty there, and every real slice can be trained."""
+    import torch
+
+    from models.train import _Resident, _sample_patch
+
+    image = torch.arange(6, dtype=torch.float32)[:, None, None].expand(6, 4, 4).contiguous()
+    masks = torch.ones(1, 6, 4, 4, dtype=torch.uint8)
+    case = _Resident(image, masks, torch.tensor([True]), (np.argwhere(masks[0].numpy()),), -1.0)
+    img, msk = _sample_patch(case, (5, 4, 4), np.random.default_rng(0), np.array([0, 2, 2]), z_margin=2)
+    assert img[:, 0, 0].tolist() == [0, 0, 0, 1, 2]  # centred on slice 0: two repeated slices before it
+    assert msk[0, :, 0, 0].tolist() == [0, 0, 1, 1, 1]
+    img, _ = _sample_patch(case, (5, 4, 4), np.random.default_rng(0), np.array([5, 2, 2]), z_margin=2)
+    assert img[:, 0, 0].tolist() == [3, 4, 5, 5, 5]
+    rng = np.random.default_rng(1)
+    centres = {int(_sample_patch(case, (5, 4, 4), rng, None, z_margin=2)[0][2, 0, 0]) for _ in range(200)}
+    assert centres == set(range(6))
+    img, _ = _sample_patch(case, (5, 4, 4), np.random.default_rng(0), np.array([0, 2, 2]))  # no margin: inside
+    assert img[:, 0, 0].tolist() == [0, 1, 2, 3, 4]
