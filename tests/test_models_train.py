@@ -152,27 +152,34 @@ def test_npz_with_a_direction_is_read_in_the_models_orientation(tmp_path):
 
 
 def test_the_example_configs_rebuild_the_shipped_model_and_fine_tune_it():
-    """config/train.example.yaml describes the shipped hn-oar's network, and the fine-tuning example starts from
-    the shipped package's weights (its network and labels are checked against the package)."""
+    """The shipped hn-oar is built in two stages: config/train.example.yaml trains 2.0.0, and
+    config/train.context.example.yaml grows that package's network by far slices and trains on (its manifest
+    describes the shipped package). The fine-tuning example starts from the shipped package's weights (its network
+    and labels are checked against the package)."""
     from pathlib import Path
 
     import torch
 
     from config.training import load_training_config
     from models.package import find_package
-    from models.train import _initial_weights, manifest_fields
+    from models.train import _grows_far_context, _initial_weights, manifest_fields
 
     config_dir = Path(__file__).resolve().parents[1] / "config"
     shipped = find_package("hn-oar").manifest
-    cfg = load_training_config(config_dir / "train.example.yaml")
-    fields = manifest_fields(cfg, {}, {})
-    assert (cfg.network.name, cfg.network.version) == (shipped.name, shipped.version)
-    assert fields["architecture"] == shipped.architecture.model_dump(mode="json")
-    assert [lab.name for lab in cfg.labels] == shipped.label_names
+    stage1 = load_training_config(config_dir / "train.example.yaml")
+    stage2 = load_training_config(config_dir / "train.context.example.yaml")
+    assert Path(stage2.init_from) == Path(stage1.output_dir) / "package" / stage1.network.name
+    first, second = (manifest_fields(c, {}, {})["architecture"] for c in (stage1, stage2))
+    assert first["name"] == second["name"] and _grows_far_context(first["params"], second["params"])
+    assert (stage2.network.name, stage2.network.version) == (shipped.name, shipped.version)
+    assert second == shipped.architecture.model_dump(mode="json")
+    assert [lab.name for lab in stage2.labels] == shipped.label_names == [lab.name for lab in stage1.labels]
     finetune = load_training_config(config_dir / "train.finetune.example.yaml")
     assert finetune.init_from == "hn-oar"
+    assert manifest_fields(finetune, {}, {})["architecture"] == second
     shipped_weights = torch.load(find_package("hn-oar").weights_path, weights_only=True)
     assert set(_initial_weights(finetune)) == set(shipped_weights)
+
 
 def test_far_context_slices_grow_a_slice_network_without_changing_what_it_computes():
     """A slice network given far slices (hn-oar 2.1.0: 4, 8, 16, 24 slices away) and started from a smaller one's
