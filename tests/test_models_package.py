@@ -151,6 +151,9 @@ def test_a_labels_own_threshold_overrides_the_manifests(package, tmp_path):
     cut = segment(image, spacing, strict)
     assert base["Parotid_R"].sum() > cut["Parotid_R"].sum()
     assert all(np.array_equal(base[n], cut[n]) for n in ("Parotid_L", "Brainstem"))
+    # a threshold on another label leaves the (non-empty) Parotid_R exactly as the manifest's threshold cuts it
+    other = write_package(tmp_path / "other", _fields(labels=[*LABELS[:2], dict(LABELS[2], threshold=0.95)]), state)
+    assert base["Parotid_R"].any() and np.array_equal(segment(image, spacing, other)["Parotid_R"], base["Parotid_R"])
 
 
 def test_rules_naming_an_unknown_model_are_refused():
