@@ -7,7 +7,8 @@ The fine-tuning run selects its epoch on the first ``max_val_cases`` validation 
 the ``--cases`` patients after ``--first`` (by default validation cases 13-24, which fine-tuning never saw). One
 slice per organ per patient (seeded draw), one crop per slice placed on the slice's own box as propagation's seed
 and true-box modes place it; each crop is decoded with the true box, a jittered box (edges moved up to
-``prompts.box_jitter`` x the side, fixed seed) and the neighbouring slice's box (one propagation step's prompt).
+``prompts.box_jitter`` x the side, fixed seed) and a nearby slice's box (one propagation step's prompt: a slice up
+to ``data.neighbour_distance`` away, as the config draws it for training).
 Dice is on native pixels. Encodings are cached in the run folder (``cache/report``) and shared by both weights.
 """
 

@@ -31,6 +31,9 @@ class FinetuneData(NpzData):
     neighbour_window_fraction: float = Field(
         0.5, ge=0, le=1, description="Fraction of training crops placed on the neighbouring slice's box, as "
         "propagation places them; the rest are placed on the slice's own box (seed / true-box upper bound).")
+    neighbour_distance: int = Field(
+        1, ge=1, le=16, description="The neighbour whose box places and prompts a crop is a slice up to this many "
+        "away, at random: propagation decodes every slice_step-th slice (4 by default), prompted from the last one.")
 
 
 class PromptMix(_Strict):

@@ -65,7 +65,7 @@ class CropItem:
     z: int
     window: CropWindow
     own_box: tuple[int, int, int, int]  # native (x0, y0, x1, y1), inclusive
-    neighbour_box: tuple[int, int, int, int] | None  # the box of slice z +- 1, None when neither has the structure
+    neighbour_box: tuple[int, int, int, int] | None  # a nearby slice's box (z +- neighbour_distance), None: no such
     placed_on: str  # 'own' or 'neighbour': whose box placed the window
 
 
@@ -74,8 +74,9 @@ def _bigger(box: tuple[float, float, float, float], margin: float) -> tuple[floa
 
 
 def sample_items(case_id: str, masks: np.ndarray, present: np.ndarray, per_structure: int, min_pixels: int,
-                 neighbour_fraction: float, rng: np.random.Generator) -> list[CropItem]:
-    """Draw up to ``per_structure`` slices of every present structure ((C, Z, Y, X) masks) without replacement."""
+                 neighbour_fraction: float, rng: np.random.Generator, neighbour_distance: int = 1) -> list[CropItem]:
+    """Draw up to ``per_structure`` slices of every present structure ((C, Z, Y, X) masks) without replacement; each
+    gets the box of a neighbouring slice up to ``neighbour_distance`` away that holds the structure."""
     items = []
     for c in np.flatnonzero(present):
         area = masks[c].reshape(masks.shape[1], -1).sum(axis=1)
@@ -84,7 +85,8 @@ def sample_items(case_id: str, masks: np.ndarray, present: np.ndarray, per_struc
             continue
         for z in sorted(rng.choice(zs, size=min(per_structure, len(zs)), replace=False).tolist()):
             own = box_of(masks[c, z])
-            neighbours = [n for n in (z - 1, z + 1) if 0 <= n < masks.shape[1] and area[n] >= min_pixels]
+            offsets = [d for k in range(1, neighbour_distance + 1) for d in (-k, k)]
+            neighbours = [z + d for d in offsets if 0 <= z + d < masks.shape[1] and area[z + d] >= min_pixels]
             nbox = box_of(masks[c, neighbours[int(rng.integers(len(neighbours)))]]) if neighbours else None
             on_neighbour = nbox is not None and rng.random() < neighbour_fraction
             window = crop_window(nbox if on_neighbour else own, SETTINGS.crop_factor, SETTINGS.min_crop,  # type: ignore[arg-type]
@@ -188,7 +190,7 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
                if (r := learned_reach(case.masks[c], case.spacing_xyz)) is not None}
     rng = np.random.default_rng([cfg.seed, zlib.crc32(case.case_id.encode())])  # a case's draw ignores the others
     items = sample_items(case.case_id, case.masks, case.present, per_structure, cfg.data.min_pixels,
-                         neighbour_fraction, rng)
+                         neighbour_fraction, rng, cfg.data.neighbour_distance)
     key = _fingerprint(items, base_sha)
     if shard.is_file():
         cached = torch.load(shard, map_location="cpu", weights_only=False)
@@ -475,6 +477,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         "crops_per_structure": {n: sum(1 for it in train.items if it.label == i) for i, n in enumerate(names)},
         "slices_per_structure": cfg.data.slices_per_structure,
         "neighbour_window_fraction": cfg.data.neighbour_window_fraction,
+        "neighbour_distance": cfg.data.neighbour_distance,
         "prompts": cfg.prompts.model_dump(), "epochs_run": len(trained_epochs), "epochs_planned": cfg.epochs,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "best_epoch": best_epoch, "seed": cfg.seed,
         "train_seconds": round(sum(h.get("seconds", 0.0) for h in trained_epochs), 1),

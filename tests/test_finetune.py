@@ -165,6 +165,24 @@ def test_training_crops_are_the_crops_propagation_decodes():
             assert 0 <= x0 <= x1 <= 255 and 0 <= y0 <= y1 <= 255
 
 
+def test_neighbour_boxes_come_from_as_far_as_propagation_steps():
+    """With neighbour_distance 4 a crop's neighbour box is some slice 1-4 away holding the structure (propagation
+    prompts every 4th slice from the last decoded one), never the slice itself or one further away."""
+    masks = np.zeros((1, 20, 64, 64), np.uint8)
+    for z in range(2, 18):
+        masks[0, z, 10 + z:20 + z, 20:26 + z // 2] = 1  # every slice a different box
+    boxes = {z: box_of(masks[0, z] > 0) for z in range(2, 18)}
+    distances = set()
+    for seed in range(20):
+        for it in sample_items("c", masks, np.array([True]), 4, 4, 0.5, np.random.default_rng(seed), 4):
+            found = [z for z, b in boxes.items() if b == it.neighbour_box]
+            assert len(found) == 1 and found[0] != it.z
+            distances.add(abs(found[0] - it.z))
+    assert distances == {1, 2, 3, 4}
+    for it in sample_items("c", masks, np.array([True]), 4, 4, 0.5, np.random.default_rng(0)):  # default: adjacent
+        assert it.neighbour_box in (boxes.get(it.z - 1), boxes.get(it.z + 1))
+
+
 def test_the_loss_rewards_the_right_mask():
     target = torch.zeros(2, 16, 16)
     target[:, 4:8, 4:8] = 1
