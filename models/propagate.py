@@ -85,7 +85,7 @@ class PropagationSettings:
     # Speed: encoding a crop costs ~1 s on a 2-core CPU and is 85 % of a case's time, so fronts decode every
     # slice_step-th slice and interpolate between (a failed jump retries one slice, so fronts end where they would
     # have); long structures take longer steps. Chosen on OpenKBP train patients 95-97 (bench/propagate.py
-    # --split train --patients 165 166 167 --checkpoint hn-litemedsam): every slice 0.610 mean Dice in 197 s per
+    # --split train --patients 165 166 167 --checkpoint hn-litemedsam, 1.0.0): every slice 0.610 mean Dice in 197 s per
     # case; steps 2/6 0.620 in 84 s; 3/6 0.619 in 67 s; 4/8 0.613 in 57 s; 3/9 0.591 (cord and esophagus lost).
     slice_step: int = 4
     long_slice_step: int | None = 8  # the slice_step of long structures (those that follow the anatomy, e.g. a
