@@ -15,7 +15,7 @@ fusion). Every method is scored against the *moved* masks (Dice, HD95 in mm):
     unmoved      the prior masks as they are (how far the simulated motion moved the organs)
     registered   registration alone (the mapped prior masks)
     propagated   propagation alone from the mapped key slices (no fallback)
-    fused@T      the node's output with min_agreement = T (0.5 is the default); fused@1 = registered
+    fused@T      the node's output with min_agreement = T (0.9 is the default); fused@1 = registered
 
 Seconds per case: simulation, registration, propagation. Figures depend on the machine's load (printed).
 """
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OPENKBP = ROOT.parent / "shared" / "data" / "openkbp"
 ORGANS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
-AGREEMENT = (0.0, 0.3, 0.5, 0.7)
+AGREEMENT = (0.5, 0.7, 0.9, 0.95)
 
 
 def main() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
         mapped = map_masks(masks, prior, new, registration.transform)
         t2 = time.perf_counter()
         results = propagate_from_prior(engine, follow.image.astype(np.float32), mapped, key_count=args.key_slices,
-                                       min_agreement=0.5)
+                                       min_agreement=0.9)
         t3 = time.perf_counter()
         line = []
         for organ, truth in follow.masks.items():
@@ -108,7 +108,7 @@ def main() -> None:
                     writer.writerow(row)
             line.append(f"{organ[:6]} reg={dice_of(rows, organ, 'registered', paths[index].stem):.2f} "
                         f"prop={dice_of(rows, organ, 'propagated', paths[index].stem):.2f} "
-                        f"fused={dice_of(rows, organ, 'fused@0.5', paths[index].stem):.2f}")
+                        f"fused={dice_of(rows, organ, 'fused@0.9', paths[index].stem):.2f}")
         if writer:
             handle.flush()
         print(f"{paths[index].stem}: simulate {t1 - t0:.0f} s, register {t2 - t1:.0f} s, propagate {t3 - t2:.0f} s; "
