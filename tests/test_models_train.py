@@ -152,10 +152,11 @@ def test_npz_with_a_direction_is_read_in_the_models_orientation(tmp_path):
 
 
 def test_the_example_configs_rebuild_the_shipped_model_and_fine_tune_it():
-    """The shipped hn-oar is built in two stages: config/train.example.yaml trains 2.0.0, and
-    config/train.context.example.yaml grows that package's network by far slices and trains on (its manifest
-    describes the shipped package). The fine-tuning example starts from the shipped package's weights (its network
-    and labels are checked against the package)."""
+    """The shipped hn-oar is built in three stages: config/train.example.yaml trains 2.0.0,
+    config/train.context.example.yaml grows that package's network by far slices and trains on (2.1.0), and
+    config/train.continue.example.yaml trains 2.1.0 on (its manifest describes the shipped package). The
+    fine-tuning example starts from the shipped package's weights (its network and labels are checked against the
+    package)."""
     from pathlib import Path
 
     import torch
@@ -171,9 +172,12 @@ def test_the_example_configs_rebuild_the_shipped_model_and_fine_tune_it():
     assert Path(stage2.init_from) == Path(stage1.output_dir) / "package" / stage1.network.name
     first, second = (manifest_fields(c, {}, {})["architecture"] for c in (stage1, stage2))
     assert first["name"] == second["name"] and _grows_far_context(first["params"], second["params"])
-    assert (stage2.network.name, stage2.network.version) == (shipped.name, shipped.version)
-    assert second == shipped.architecture.model_dump(mode="json")
-    assert [lab.name for lab in stage2.labels] == shipped.label_names == [lab.name for lab in stage1.labels]
+    stage3 = load_training_config(config_dir / "train.continue.example.yaml")
+    assert Path(stage3.init_from) == Path(stage2.output_dir) / "package" / stage2.network.name
+    assert (stage3.network.name, stage3.network.version) == (shipped.name, shipped.version)
+    assert manifest_fields(stage3, {}, {})["architecture"] == second == shipped.architecture.model_dump(mode="json")
+    assert [lab.name for lab in stage3.labels] == shipped.label_names == [lab.name for lab in stage1.labels]
+    assert [lab.name for lab in stage2.labels] == shipped.label_names
     finetune = load_training_config(config_dir / "train.finetune.example.yaml")
     assert finetune.init_from == "hn-oar"
     assert manifest_fields(finetune, {}, {})["architecture"] == second
