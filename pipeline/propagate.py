@@ -20,6 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from models.errors import EngineError
 from models.prompting import available_engines, check_engine, load_engine
+from models.prior import MIN_AGREEMENT
 from models.propagate import PropagationSettings, Seed, propagate
 from models.types import Structure, StructureSet
 from pipeline.base import PipelineInput, PipelineParams
@@ -45,9 +46,9 @@ class PropagateParams(PipelineParams):
     key_slices: int = Field(3, ge=1, le=9, description="source: prior: slices of each mapped ROI that prompt "
                             "propagation (1: the middle; 3: 1/4, 1/2, 3/4 of its extent).")
     min_agreement: float = Field(
-        0.9, ge=0, le=1, description="source: prior: a propagated slice whose Dice with the registered contour "
-        "is below this is replaced by the registered slice (1: registration only; 0: propagation wherever it "
-        "reached).")
+        MIN_AGREEMENT, ge=0, le=1, description="source: prior: a propagated slice whose Dice with the registered "
+        "contour is below this is replaced by the registered slice (1: registration only; 0: propagation wherever "
+        "it reached).")
     structures: list[str] | None = Field(
         None, min_length=1, description="ROI names to propagate (case-insensitive); default: every seeded ROI.")
     checkpoint: str | None = Field(
