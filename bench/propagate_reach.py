@@ -7,8 +7,10 @@ Slices further than the margin past the extent are counted as if the front went 
 overlap (what it does: see the per-step table with ``--steps``). Tune here, report on validation.
 
 The second table cuts at ``reach_fraction`` x each structure's *learned* reach instead: the median over the
-OpenKBP train split of :func:`models.propagate.learned_reach` (what ``dicom-node finetune`` records per label).
-``--write-reach PKG`` writes that table into a package's manifest (how the shipped hn-litemedsam got it).
+OpenKBP train split of :func:`models.propagate.learned_reach` (what ``dicom-node finetune`` records per label);
+the third at ``reach_fraction`` x its :class:`models.propagate.ReachLaw` fitted over the same split (what the
+engine uses when the package has one). ``--write-reach PKG`` writes both into a package's manifest (how the
+shipped hn-litemedsam got them).
 
     python bench/propagate_reach.py --patients 95 96 97 [--checkpoint hn-litemedsam] [--steps] [--follow-anatomy]
 """
@@ -27,26 +29,34 @@ TRAVELS = (0.6, 0.8, 1.0, 1.2, 1.5, 2.0, None)
 FRACTIONS = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
-def train_reach(labels) -> dict[str, float]:
-    """Median learned reach of each label over the OpenKBP train split (seconds: masks only)."""
+def train_reach(labels) -> tuple[dict[str, float], dict[str, object]]:
+    """Median learned reach of each label over the OpenKBP train split, and its ReachLaw (seconds: masks only);
+    what ``dicom-node finetune`` records from its training cases."""
     from models.data import read_npz
-    from models.propagate import learned_reach
+    from models.propagate import fit_reach_law, middle_slice_extent
 
-    values: dict[str, list[float]] = {}
+    extents: dict[str, list[tuple[float, float]]] = {}
     for path in sorted(OPENKBP.glob("*.npz")):
         case = read_npz(path, labels)
         for c, label in enumerate(labels):
-            r = learned_reach(case.masks[c], case.spacing_xyz) if case.present[c] else None
-            if r is not None:
-                values.setdefault(label.name, []).append(r)
-    return {name: round(float(np.median(v)), 3) for name, v in values.items()}
+            e = middle_slice_extent(case.masks[c], case.spacing_xyz) if case.present[c] else None
+            if e is not None and e[0] > 0:
+                extents.setdefault(label.name, []).append(e)
+    medians = {name: round(float(np.median([h / d for d, h in v])), 3) for name, v in extents.items()}
+    laws = {name: law for name, v in extents.items() if (law := fit_reach_law(v)) is not None}
+    return medians, laws
 
 
-def write_reach(package_dir: str, table: dict[str, float]) -> None:
-    from models.package import load_package, write_manifest
+def write_reach(package_dir: str, table: dict[str, float], laws: dict[str, object]) -> None:
+    from dataclasses import asdict
+
+    from models.package import ReachLawSpec, load_package, write_manifest
 
     package = load_package(package_dir)
-    labels = tuple(lab.model_copy(update={"reach": table.get(lab.name)}) for lab in package.manifest.labels)
+    labels = tuple(lab.model_copy(update={
+        "reach": table.get(lab.name),
+        "reach_law": ReachLawSpec(**asdict(laws[lab.name])) if lab.name in laws else None})  # type: ignore[arg-type]
+        for lab in package.manifest.labels)
     write_manifest(package.path, package.manifest.model_copy(update={"labels": labels}))
 
 
@@ -81,10 +91,11 @@ def main() -> None:
     from models.prompting import load_engine
     from models.propagate import EncodingCache, PropagationSettings, Seed, propagate, reach
 
-    learned = train_reach(HN_ORGANS)
+    learned, laws = train_reach(HN_ORGANS)
     print("learned reach (median over the train split, middle-slice diameters):", learned, flush=True)
+    print("learned reach laws (half mm at the reference diameter mm, exponent):", laws, flush=True)
     if args.write_reach:
-        write_reach(args.write_reach, learned)
+        write_reach(args.write_reach, learned, laws)
         print(f"written into {args.write_reach}")
         return
     engine = load_engine("litemedsam", args.checkpoint)
@@ -92,6 +103,7 @@ def main() -> None:
                                follow_anatomy=0.0 if args.follow_anatomy else None)
     scores: dict[object, dict[str, list[float]]] = {t: {} for t in TRAVELS}
     by_fraction: dict[float, dict[str, list[float]]] = {f: {} for f in FRACTIONS}
+    by_law: dict[float, dict[str, list[float]]] = {f: {} for f in FRACTIONS}
     for number in args.patients:
         case = read_npz(OPENKBP / f"train_pt_{number}.npz", HN_ORGANS)
         image = case.image.astype(np.float32)
@@ -122,8 +134,12 @@ def main() -> None:
             for f in FRACTIONS:
                 limit = reach(truth[z], case.spacing_xyz, f * learned[name])
                 by_fraction[f].setdefault(name, []).append(cut_dice(pred, truth, z, limit, (lo, hi)))
+                law = laws.get(name)
+                limit = reach(truth[z], case.spacing_xyz, law.scaled(f)) if law is not None else limit
+                by_law[f].setdefault(name, []).append(cut_dice(pred, truth, z, limit, (lo, hi)))
     names = list(scores[TRAVELS[0]])
-    for title, table in (("max_travel", scores), ("reach_fraction", by_fraction)):
+    for title, table in (("max_travel", scores), ("reach_fraction", by_fraction),
+                         ("reach_fraction x law", by_law)):
         print(f"\n| {title} | " + " | ".join(names) + " | mean |")
         print("| --- " * (len(names) + 2) + "|")
         for t, by_name in table.items():

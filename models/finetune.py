@@ -43,7 +43,7 @@ from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
-                              learned_reach, logits_to_native, normalise)
+                              fit_reach_law, logits_to_native, middle_slice_extent, normalise)
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
@@ -182,12 +182,12 @@ def _fingerprint(items: Sequence[CropItem], base_sha: str) -> str:
 
 def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSamEngine, per_structure: int,
                 neighbour_fraction: float, base_sha: str
-                ) -> tuple[dict[str, Any], int, tuple[float, ...], dict[int, float]]:
+                ) -> tuple[dict[str, Any], int, tuple[float, ...], dict[int, tuple[float, float]]]:
     """The cached shard of one case (encoded now when missing or stale); also how many crops were encoded, the
-    case's spacing and each present structure's :func:`learned_reach`."""
+    case's spacing and each present structure's :func:`middle_slice_extent` (its reach's measurements)."""
     case = read_npz(path, _labels(cfg), _keymap(cfg))
-    reaches = {c: r for c in np.flatnonzero(case.present)
-               if (r := learned_reach(case.masks[c], case.spacing_xyz)) is not None}
+    reaches = {c: e for c in np.flatnonzero(case.present)
+               if (e := middle_slice_extent(case.masks[c], case.spacing_xyz)) is not None and e[0] > 0}
     rng = np.random.default_rng([cfg.seed, zlib.crc32(case.case_id.encode())])  # a case's draw ignores the others
     items = sample_items(case.case_id, case.masks, case.present, per_structure, cfg.data.min_pixels,
                          neighbour_fraction, rng, cfg.data.neighbour_distance)
@@ -228,14 +228,14 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
     items: list[CropItem] = []
     embeddings, targets, native = [], [], []
     encoded, t0, spacings = 0, time.monotonic(), []
-    reaches: dict[int, list[float]] = {}
+    extents: dict[int, list[tuple[float, float]]] = {}
     for path in _progress(cfg, paths, f"caching {split} crops"):
         shard, n, spacing, case_reach = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine,
                                                     per_structure, neighbour_fraction, base_sha)
         encoded += n
         spacings.append(spacing)
-        for c, r in case_reach.items():
-            reaches.setdefault(int(c), []).append(r)
+        for c, e in case_reach.items():
+            extents.setdefault(int(c), []).append(e)
         shape = shard["shape"]
         items += [_item(d) for d in shard["items"]]
         embeddings.append(shard["embeddings"])
@@ -247,8 +247,12 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
                   torch.cat(targets) if targets else torch.zeros(0, INPUT_SIZE, INPUT_SIZE, dtype=torch.bool), native)
     stats = {"cases": len(paths), "crops": len(items), "encoded_now": encoded, "cache_seconds": round(seconds, 1),
              "median_spacing_xyz": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
-             # median over cases, in middle-slice diameters: the manifest's per-label reach (propagation's bound)
-             "reach": {cfg.labels[c].name: round(float(np.median(v)), 3) for c, v in sorted(reaches.items())}}
+             # median over cases, in middle-slice diameters: the manifest's per-label reach (propagation's bound),
+             # and, with enough cases, the reach against the middle slice's size (used instead)
+             "reach": {cfg.labels[c].name: round(float(np.median([h / d for d, h in v])), 3)
+                       for c, v in sorted(extents.items())},
+             "reach_law": {cfg.labels[c].name: asdict(law) for c, v in sorted(extents.items())
+                           if (law := fit_reach_law(v)) is not None}}
     return data, stats
 
 
@@ -349,7 +353,8 @@ def _manifest_fields(cfg: FinetuneConfig, summary: dict[str, Any], metrics: dict
         "labels": [{"name": lab.name, "source_names": list(lab.source_names), "color": list(lab.color),
                     "roi_type": lab.roi_type, "largest_component": lab.largest_component,
                     "fill_holes": lab.fill_holes, "mirror": lab.mirror,
-                    "reach": summary["train"]["reach"].get(lab.name)} for lab in cfg.labels],
+                    "reach": summary["train"]["reach"].get(lab.name),
+                    "reach_law": summary["train"].get("reach_law", {}).get(lab.name)} for lab in cfg.labels],
         "training": summary,
         "metrics": metrics,
     }

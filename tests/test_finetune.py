@@ -89,6 +89,29 @@ def test_the_package_records_how_far_each_structure_reaches_and_the_engine_uses_
         pytest.approx(0.5 * manifest.labels[0].reach)
     assert travel_for("RightParotid", engine, PropagationSettings()) == travel_for("Parotid_R", engine,
                                                                                    PropagationSettings())
+    # two training cases are too few to fit a reach law (models.propagate.MIN_LAW_CASES) ...
+    assert all(label.reach_law is None for label in manifest.labels)
+    assert "reach_law" in manifest.training["train"]
+
+
+def test_a_package_with_a_reach_law_bounds_its_structure_by_it(run, tmp_path):
+    """... a package whose manifest has one (as the shipped hn-litemedsam) hands it to the engine, by every name."""
+    from models.package import ReachLawSpec
+    from models.propagate import ReachLaw, travel_for
+
+    tmp, _ = run
+    package = tmp_path / "hn-litemedsam"
+    shutil.copytree(tmp / "run" / "package" / "hn-litemedsam", package)
+    manifest = load_package(package).manifest
+    law = ReachLawSpec(half_mm=25.0, diameter_mm=29.0, exponent=0.5)
+    labels = (manifest.labels[0].model_copy(update={"reach_law": law}),) + manifest.labels[1:]
+    write_manifest(package, manifest.model_copy(update={"labels": labels}))
+    engine = load_engine("litemedsam", str(package))
+    expected = ReachLaw(25.0, 29.0, 0.5).scaled(0.8)
+    for name in ("Parotid_R", "RightParotid"):
+        assert travel_for(name, engine, PropagationSettings(reach_fraction=0.8)) == expected
+    assert travel_for("Brainstem", engine, PropagationSettings(reach_fraction=0.8)) == \
+        pytest.approx(0.8 * manifest.labels[1].reach)  # no law: its median reach
 
 
 def test_the_package_loads_through_the_engine_registry_and_decodes_as_training_did(run):

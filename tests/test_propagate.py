@@ -12,6 +12,7 @@ from models.propagate import (
     CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
     interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach,
     region_from_clicks, stop_reason, travel_for, within_reach, learned_reach, anatomy_shift, follows_anatomy,
+    ReachLaw, fit_reach_law, middle_slice_extent, MIN_LAW_CASES,
 )
 from pipeline_checks import dice
 
@@ -150,6 +151,43 @@ def test_learned_reach_is_the_half_extent_over_the_middle_slices_diameter():
     tube[15] = False  # the middle slice empty: the nearest contoured slice is the middle
     assert learned_reach(tube, (4.0, 4.0, 2.5)) == pytest.approx(25.0 / (2 * np.sqrt(81 * 16 / np.pi)))
     assert learned_reach(np.zeros((4, 5, 5), bool), (1.0, 1.0, 1.0)) is None
+
+
+def test_a_reach_law_is_fitted_against_the_middle_slices_size():
+    rng = np.random.default_rng(0)
+    diameters = rng.uniform(10, 40, 30)
+    pairs = [(d, 20.0 * (d / 20.0) ** 0.5 * np.exp(rng.normal(0, 0.02))) for d in diameters]
+    law = fit_reach_law(pairs)
+    assert law is not None and law.exponent == pytest.approx(0.5, abs=0.05)
+    assert law.diameter_mm == pytest.approx(np.median(diameters), abs=0.01)
+    assert law.half_extent_mm(law.diameter_mm) == pytest.approx(20.0 * (law.diameter_mm / 20.0) ** 0.5, rel=0.03)
+    assert fit_reach_law(pairs[:MIN_LAW_CASES - 1]) is None  # too few cases: the median reach bounds it
+    assert fit_reach_law(pairs[:9] + [(15.0, 0.0)] * 5) is None  # single-slice structures have no extent
+    # a half-length that grows as the cube of the diameter is clipped to the bound
+    assert fit_reach_law([(d, d ** 3 / 100) for d in diameters]).exponent == 2.0  # type: ignore[union-attr]
+    # tube of 21 slices (25 mm each way at 2.5 mm) with a middle slice of diameter ~40.6 mm
+    tube = np.zeros((40, 21, 21), bool)
+    tube[5:26] = np.hypot(*np.mgrid[-10:11, -10:11]) <= 5
+    d, half = middle_slice_extent(tube, (4.0, 4.0, 2.5))  # type: ignore[misc]
+    assert half == 25.0 and d == pytest.approx(2 * np.sqrt(81 * 16 / np.pi))
+
+
+def test_a_reach_law_bounds_fronts_in_mm_for_the_seeds_size():
+    disc = np.hypot(*np.mgrid[-10:11, -10:11]) <= 5  # diameter ~40.6 mm at 4 mm pixels
+    fixed_mm = ReachLaw(half_mm=25.0, diameter_mm=20.0, exponent=0.0)  # 25 mm whatever the seed's size
+    assert reach(disc, (4.0, 4.0, 2.5), fixed_mm) == 10 and reach(disc[8:13], (4.0, 4.0, 2.5), fixed_mm) == 10
+    diameters = ReachLaw(half_mm=20.3, diameter_mm=20.3, exponent=1.0)  # one seed diameter: max_travel 1.0
+    assert reach(disc, (4.0, 4.0, 2.5), diameters) == reach(disc, (4.0, 4.0, 2.5), 1.0) == 16
+    assert within_reach(Seed({20: disc}), 60, (4.0, 4.0, 2.5), fixed_mm.scaled(0.5)).extent == (15, 25)
+
+    class Learned:
+        structure_reach = {"spinalcord": 10.0, "larynx": 0.5}
+        structure_reach_law = {"spinalcord": fixed_mm}
+
+    s = PropagationSettings(max_travel=1.0, reach_fraction=0.5)
+    assert travel_for("SpinalCord", Learned(), s) == fixed_mm.scaled(0.5)  # the law before the median reach
+    assert travel_for("Larynx", Learned(), s) == 0.25  # no law: the median reach
+    assert travel_for("SpinalCord", Learned(), PropagationSettings(reach_fraction=None)) == 1.0
 
 
 def test_a_structure_the_engine_learned_travels_its_learned_reach():
