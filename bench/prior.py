@@ -1,7 +1,7 @@
 """Prior-study mode on simulated follow-up scans of OpenKBP head-and-neck CT (zero-shot LiteMedSAM unless
 --checkpoint).
 
-    nice -n 19 .venv/bin/python bench/prior.py [--split validation] [--patients 0 1 2] [--threads 2]
+    nice -n 19 .venv/bin/python bench/prior.py [--split validation] [--patients 0 1 2] [--threads 2] [--local-change]
         [--rigid] [--key-slices 3] [--csv runs/prior.csv]
     .venv/bin/python bench/prior.py --summarise runs/prior-a.csv runs/prior-b.csv   # the table of earlier runs
 
@@ -15,7 +15,9 @@ fusion). Every method is scored against the *moved* masks (Dice, HD95 in mm):
     unmoved      the prior masks as they are (how far the simulated motion moved the organs)
     registered   registration alone (the mapped prior masks)
     propagated   propagation alone from the mapped key slices (no fallback)
-    fused@T      the node's output with min_agreement = T (0.95 is the default); fused@1 = registered
+    fused@T      the node's output with min_agreement = T (1 is the default); fused@1 = registered
+
+--local-change adds a finer deformation (seed 1000 + index) that registration can follow only in part.
 
 Seconds per case: simulation, registration, propagation. Figures depend on the machine's load (printed).
 """
@@ -35,7 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OPENKBP = ROOT.parent / "shared" / "data" / "openkbp"
 ORGANS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
-AGREEMENT = (0.5, 0.7, 0.9, 0.95)  # must hold the default (models.prior.MIN_AGREEMENT), printed per case
+AGREEMENT = (0.5, 0.7, 0.9, 0.95, 1.0)  # must hold the default (models.prior.MIN_AGREEMENT), printed per case
+
+
+# --local-change: a second, finer deformation on top of the issue's (mesh 16 over ~500 mm: ~30 mm cells), no
+# rigid part; the registration's B-spline (~60 mm mesh) can follow it only in part, as anatomy that changed
+LOCAL_CHANGE = {"deformation_mm": 4.0, "mesh": 16, "shift_mm": 0.0, "rotation_deg": 0.0}
 
 
 def changed_slices(fused: np.ndarray, registered: np.ndarray) -> int:
@@ -50,6 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rigid", action="store_true", help="rigid registration only (no B-spline)")
     parser.add_argument("--key-slices", type=int, default=3)
+    parser.add_argument("--local-change", action="store_true", help="add a fine deformation (control points every "
+                        "~30 mm moved up to 4 mm) that the registration's ~60 mm mesh cannot follow")
     parser.add_argument("--checkpoint", default=None, help="fine-tuned model package (name or folder)")
     parser.add_argument("--csv", type=Path, default=None, help="append one row per case, organ and method")
     parser.add_argument("--summarise", type=Path, nargs="+", default=None, help="only print the table of CSVs")
@@ -71,8 +80,10 @@ def main() -> None:
     paths = sorted((OPENKBP / args.split).glob("*.npz"))
     print(f"engine {engine.name} {engine.version}; threads {args.threads}; registration "
           f"{'rigid' if args.rigid else 'rigid + B-spline'}; key slices {args.key_slices}; "
+          f"{'local change; ' if args.local_change else ''}"
           f"load average at start {os.getloadavg()[0]:.1f}; split {args.split}", flush=True)
     rows: list[dict] = []
+    slices: list[tuple[float, float]] = []  # (agreement, gain) per slice, all patients and organs
     writer = None
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +96,9 @@ def main() -> None:
                      if f"mask_{o}" in data.files and data[f"mask_{o}"].any()}
             spacing_zyx = tuple(float(v) for v in data["spacing"])
         t0 = time.perf_counter()
-        follow = simulate_follow_up(ct, masks, spacing_zyx, seed=index)
+        motion = follow = simulate_follow_up(ct, masks, spacing_zyx, seed=index)
+        if args.local_change:
+            follow = simulate_follow_up(follow.image, follow.masks, spacing_zyx, seed=1000 + index, **LOCAL_CHANGE)
         spacing = spacing_zyx[::-1]
         prior, new = Volume(ct, spacing, (0.0, 0.0, 0.0)), Volume(follow.image, spacing, (0.0, 0.0, 0.0))
         t1 = time.perf_counter()
@@ -104,10 +117,12 @@ def main() -> None:
             candidates = {"unmoved": masks[organ], "registered": mapped[organ], "propagated": propagated}
             for t in AGREEMENT:
                 candidates[f"fused@{t:g}"] = fuse(propagated, mapped[organ], t)[0]
+            slices += slice_pairs(propagated, mapped[organ], truth)
             for method, mask in candidates.items():
                 dice, hd95 = metrics(mask, truth, spacing)
                 row = {"case": paths[index].stem, "organ": organ, "method": method, "dice": round(dice, 4),
-                       "hd95_mm": round(hd95, 2), "registration": "rigid" if args.rigid else "bspline"}
+                       "hd95_mm": round(hd95, 2), "registration": ("rigid" if args.rigid else "bspline")
+                       + ("+local" if args.local_change else "")}
                 rows.append(row)
                 if writer:
                     writer.writerow(row)
@@ -119,9 +134,10 @@ def main() -> None:
         if writer:
             handle.flush()
         print(f"{paths[index].stem}: simulate {t1 - t0:.0f} s, register {t2 - t1:.0f} s, propagate {t3 - t2:.0f} s; "
-              f"motion shift {np.round(follow.shift_mm, 1).tolist()} mm, rotation "
-              f"{np.round(follow.rotation_deg, 1).tolist()} deg; " + "; ".join(line), flush=True)
+              f"motion shift {np.round(motion.shift_mm, 1).tolist()} mm, rotation "
+              f"{np.round(motion.rotation_deg, 1).tolist()} deg; " + "; ".join(line), flush=True)
     print_table(rows, f"{len(args.patients)} {args.split} patients")
+    print_agreement(slices)
     print(f"(load average at end {os.getloadavg()[0]:.1f})")
 
 
@@ -143,6 +159,31 @@ def metrics(pred: np.ndarray, truth: np.ndarray, spacing_xyz) -> tuple[float, fl
     to_t = ndi.distance_transform_edt(~edge_t, sampling=sampling)
     to_p = ndi.distance_transform_edt(~edge_p, sampling=sampling)
     return dice, float(max(np.percentile(to_t[edge_p], 95), np.percentile(to_p[edge_t], 95)))
+
+
+def slice_pairs(propagated: np.ndarray, registered: np.ndarray, truth: np.ndarray) -> list[tuple[float, float]]:
+    """(agreement, gain) per slice where both methods have a contour: the Dice between the propagated and the
+    registered slice, and the propagated slice's Dice with the truth minus the registered one's."""
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        total = int(a.sum()) + int(b.sum())
+        return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+    both = np.flatnonzero(propagated.any(axis=(1, 2)) & registered.any(axis=(1, 2)))
+    return [(dice(propagated[z], registered[z]), dice(propagated[z], truth[z]) - dice(registered[z], truth[z]))
+            for z in both]
+
+
+def print_agreement(slices: list[tuple[float, float]]) -> None:
+    """Is a propagated slice better than the registered one, by how well the two agree? (What the fusion keeps.)"""
+    print(f"\nslices where both have a contour ({len(slices)}), by agreement (Dice propagated vs registered):")
+    print("agreement      slices  mean slice Dice gain of propagation  propagated better")
+    edges = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.01)
+    for lo, hi in zip(edges, edges[1:]):
+        gains = [g for a, g in slices if lo <= a < hi]
+        if gains:
+            print(f"{lo:.2f}-{min(hi, 1.0):.2f}  {len(gains):10d}  {np.mean(gains):+35.3f}  "
+                  f"{np.mean(np.asarray(gains) > 0):17.0%}")
 
 
 def print_table(rows: list[dict], what: str) -> None:

@@ -6,7 +6,9 @@ with an RT Structure Set referencing it) and hands it over as ``PipelineInput.pr
 files and no database. Steps: rasterise the prior's ROIs on the prior grid (:func:`pipeline.seeds.seed_rois`,
 so the same ROI selection and error messages as seed mode), register the prior CT to the new one
 (:func:`models.registration.register`: rigid, then B-spline unless ``deformable: false``), map the masks, and
-propagate from key slices fused with the mapped masks (:func:`models.prior.propagate_from_prior`).
+propagate from key slices fused with the mapped masks (:func:`models.prior.propagate_from_prior`). With
+``min_agreement`` 1 (the default, :data:`models.prior.MIN_AGREEMENT`) the fusion would keep no propagated slice,
+so the mapped masks are returned without running the engine.
 """
 
 from __future__ import annotations
@@ -65,15 +67,25 @@ def run_prior(data: PipelineInput, engine: PromptEngine, settings: PropagationSe
         raise SeedError(f"no prior ROI lands inside the new series after registration ({', '.join(outside)})")
     for name in outside:
         log.warning("prior: %s lies outside the new series after registration; not returned", name)
-    results = propagate_from_prior(engine, data.volume.array.astype("float32"),
-                                   {k: m for k, m in mapped.items() if m.any()}, key_count=key_slices,
+    inside = {k: m for k, m in mapped.items() if m.any()}
+    kind = "rigid + B-spline" if deformable else "rigid"
+    if min_agreement >= 1:  # the fusion would keep no propagated slice (the default: see models.prior)
+        structures_out = tuple(
+            Structure(name=name, mask=mask, color=rois[name].color, roi_type=rois[name].roi_type,
+                      algorithm="dicom-node registration", algorithm_version=version)
+            for name, mask in inside.items())
+        return StructureSet(structures=structures_out, label="PRIOR",
+                            description=f"dicom-node propagate {version}: prior series {data.prior.series_uid} "
+                                        f"registered ({kind}, Mattes MI); contours mapped, not propagated "
+                                        "(min_agreement 1)",
+                            notes={name: "registered contour (min_agreement 1: not propagated)" for name in inside})
+    results = propagate_from_prior(engine, data.volume.array.astype("float32"), inside, key_count=key_slices,
                                    min_agreement=min_agreement, settings=settings)
     structures_out = tuple(
         Structure(name=name, mask=r.mask, color=rois[name].color, roi_type=rois[name].roi_type,
                   algorithm=engine.name, algorithm_version=engine.version) for name, r in results.items())
     notes = {name: f"{'; '.join(r.stops)}; registered contour used on {len(r.registered_slices)} slice(s)"
              for name, r in results.items()}
-    kind = "rigid + B-spline" if deformable else "rigid"
     return StructureSet(structures=structures_out, label="PRIOR",
                         description=f"dicom-node propagate {version}: prior series {data.prior.series_uid} "
                                     f"registered ({kind}, Mattes MI), {engine.name} {engine.version} from key slices",

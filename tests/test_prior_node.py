@@ -23,8 +23,8 @@ from pipeline.rtstruct import build_rtstruct
 from pipeline_checks import dciodvfy_errors, dice, plastimatch_masks, save
 
 # Measured on this very slab (validation patient 0, rigid registration): registration alone Dice 0.966, propagation
-# alone 0.635, the fusion at min_agreement 0.9 0.966 (the default 0.95 keeps fewer propagated slices), the unmoved
-# prior 0.598 (README, "Prior mode").
+# alone 0.635, the fusion at min_agreement 0.9 0.966 (the default 1 returns registration alone), the unmoved prior
+# 0.598 (README, "Prior mode").
 # 0.85 leaves room for CPU-dependent rounding in registration and decoding, not for a different method.
 MIN_DICE = 0.85
 
@@ -32,7 +32,7 @@ RULES = """rules:
   - name: follow-up CT
     match: {Modality: CT, patient_has_structure_set: true, has_structure_set: false}
     run: [{pipeline: propagate, params: {engine: litemedsam, source: prior, structures: [Parotid_R],
-                                         deformable: false}}]
+                                         deformable: false, MIN_AGREEMENT}}]
     send: [reply]
 """
 
@@ -55,7 +55,11 @@ def _prior_rtstruct(datasets, masks):
 
 
 @pytest.mark.slow
-def test_a_follow_up_ct_gets_the_prior_contours_back(make_node, tmp_path):
+@pytest.mark.parametrize("min_agreement", [None, 0.9], ids=["default-registration", "propagated-and-fused"])
+def test_a_follow_up_ct_gets_the_prior_contours_back(make_node, tmp_path, min_agreement):
+    """By default (min_agreement 1) the registered contour comes back without running the engine; with 0.9 the
+    engine propagates from key slices and the fusion keeps the slices that agree."""
+    rules = RULES.replace(", MIN_AGREEMENT", "" if min_agreement is None else f", min_agreement: {min_agreement}")
     spacing, (prior_ct, prior_masks), (new_ct, new_masks) = _cases()
     prior_series = ct_series(prior_ct, spacing, series_description="Planning CT")
     for ds in prior_series:
@@ -67,7 +71,7 @@ def test_a_follow_up_ct_gets_the_prior_contours_back(make_node, tmp_path):
     out = tmp_path / "tps"
     with storescp(out) as port:
         node = make_node(destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": port}}, stable=0.5,
-                         rules=_write(tmp_path, RULES))
+                         rules=_write(tmp_path, rules))
         assert storescu(node.port, prior_files + [prior_rt]).returncode == 0
         wait_until(lambda: node.store.series_states().get(prior_series[0].SeriesInstanceUID) == "complete", 60,
                    what="the prior CT completed")
@@ -84,6 +88,10 @@ def test_a_follow_up_ct_gets_the_prior_contours_back(make_node, tmp_path):
         new_series[0].SeriesInstanceUID
     assert [r.ROIName for r in rtstruct.StructureSetROISequence] == ["Parotid_R"]  # the `structures` filter
     assert prior_series[0].SeriesInstanceUID in rtstruct.StructureSetDescription
+    propagated = "not propagated" not in rtstruct.StructureSetDescription
+    assert propagated == (min_agreement is not None), rtstruct.StructureSetDescription
+    generated_by = rtstruct.StructureSetROISequence[0].ROIGenerationDescription
+    assert generated_by.startswith("litemedsam" if propagated else "dicom-node registration"), generated_by
     found = plastimatch_masks(received, new_files[0].parent, tmp_path / "plastimatch")
     score, unmoved = dice(found["Parotid_R"], new_masks["Parotid_R"]), dice(prior_masks["Parotid_R"],
                                                                             new_masks["Parotid_R"])
@@ -95,7 +103,8 @@ def test_a_follow_up_ct_gets_the_prior_contours_back(make_node, tmp_path):
 def test_a_ct_without_prior_fails_its_job_clearly_and_the_node_keeps_serving(make_node, tmp_path):
     case = load_openkbp("validation", 0)
     files = write_series(ct_series(case.ct[60:66], case.spacing_zyx, patient_id="NOPRIOR"), tmp_path / "ct")
-    rules = RULES.replace("patient_has_structure_set: true, has_structure_set: false", "calling_ae: TPS")
+    rules = RULES.replace("patient_has_structure_set: true, has_structure_set: false", "calling_ae: TPS").replace(
+        ", MIN_AGREEMENT", "")
     node = make_node(destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": 1}}, stable=0.5,
                      rules=_write(tmp_path, rules))
     assert storescu(node.port, files).returncode == 0
