@@ -13,6 +13,7 @@ engine uses when the package has one). ``--write-reach PKG`` writes both into a 
 shipped hn-litemedsam got them).
 
     python bench/propagate_reach.py --patients 95 96 97 [--checkpoint hn-litemedsam] [--steps] [--follow-anatomy]
+    python bench/propagate_reach.py --extent-only   # masks only: the reach predictors with a perfect decoder
 """
 
 from __future__ import annotations
@@ -45,6 +46,45 @@ def train_reach(labels) -> tuple[dict[str, float], dict[str, object]]:
     medians = {name: round(float(np.median([h / d for d, h in v])), 3) for name, v in extents.items()}
     laws = {name: law for name, v in extents.items() if (law := fit_reach_law(v)) is not None}
     return medians, laws
+
+
+def extent_only(labels) -> None:
+    """Masks only (seconds): each train structure's clinical contour kept in-slice and cut at its seed's predicted
+    extent (middle slice +- the reach; slices past the true ends count with the end slice's area, as a front that
+    ran on): Dice by predictor, i.e. what each bound would cost a perfect decoder."""
+    from models.data import read_npz
+    from models.evaluate_propagation import seed_slices
+    from models.propagate import ReachLaw, reach
+
+    medians, laws = train_reach(labels)
+    fixed = {name: ReachLaw(law.half_extent_mm(law.diameter_mm), law.diameter_mm, 0.0)  # type: ignore[attr-defined]
+             for name, law in laws.items()}
+    scores: dict[str, dict[str, list[float]]] = {}
+    for path in sorted(OPENKBP.glob("*.npz")):
+        case = read_npz(path, labels)
+        for c, label in enumerate(labels):
+            if not case.present[c]:
+                continue
+            truth = case.masks[c] > 0
+            z = seed_slices(truth)[0]
+            zs = np.flatnonzero(truth.any(axis=(1, 2)))
+            areas = truth.sum(axis=(1, 2))
+            for kind, travel in (("median", medians.get(label.name)), ("fixed mm", fixed.get(label.name)),
+                                 ("law", laws.get(label.name))):
+                if travel is None:
+                    continue
+                r = reach(truth[z], case.spacing_xyz, travel)  # type: ignore[arg-type]
+                lo, hi = max(z - r, 0), min(z + r, truth.shape[0] - 1)
+                kept = int(areas[lo:hi + 1].sum())
+                over = int(areas[zs[0]]) * max(int(zs[0]) - lo, 0) + int(areas[zs[-1]]) * max(hi - int(zs[-1]), 0)
+                scores.setdefault(kind, {}).setdefault(label.name, []).append(
+                    2.0 * kept / (kept + over + int(areas.sum())))
+    names = list(scores["median"])
+    print("\n| extent from | " + " | ".join(names) + " | mean |")
+    print("| --- " * (len(names) + 2) + "|")
+    for kind, by_name in scores.items():
+        means = [float(np.mean(by_name[n])) for n in names]
+        print(f"| {kind} | " + " | ".join(f"{m:.3f}" for m in means) + f" | **{np.mean(means):.3f}** |")
 
 
 def write_reach(package_dir: str, table: dict[str, float], laws: dict[str, object]) -> None:
@@ -84,6 +124,8 @@ def main() -> None:
     parser.add_argument("--follow-anatomy", action="store_true", help="every structure follows the anatomy "
                         "(PropagationSettings.follow_anatomy 0); default: none")
     parser.add_argument("--write-reach", metavar="PKG", help="write the train split's learned reach into PKG and stop")
+    parser.add_argument("--extent-only", action="store_true", help="masks only: what each reach predictor costs a "
+                        "perfect decoder over the whole train split (the median, a fixed length in mm, the law)")
     args = parser.parse_args()
 
     from models.data import read_npz
@@ -91,6 +133,8 @@ def main() -> None:
     from models.prompting import load_engine
     from models.propagate import EncodingCache, PropagationSettings, Seed, propagate, reach
 
+    if args.extent_only:
+        return extent_only(HN_ORGANS)
     learned, laws = train_reach(HN_ORGANS)
     print("learned reach (median over the train split, middle-slice diameters):", learned, flush=True)
     print("learned reach laws (half mm at the reference diameter mm, exponent):", laws, flush=True)

@@ -66,9 +66,10 @@ class PropagateParams(PipelineParams):
         "something); null: no limit. Seed a long structure on its first and last slices instead of raising this.")
     reach_fraction: float | None = Field(
         DEFAULTS.reach_fraction, gt=0, description="source: seed, with a fine-tuned package that learned its "
-        "structures' reach (median distance from a structure's middle slice to its ends in its training contours, "
-        "in seed diameters): a structure it knows goes at most this fraction of that reach beyond its outermost "
-        "seed instead of max_travel; null: max_travel for every structure.")
+        "structures' reach (how far a structure runs from its middle slice in its training contours: its reach "
+        "law, mm against the seed's size, else the median in seed diameters): a structure it knows goes at most "
+        "this fraction of that reach beyond its outermost seed instead of max_travel; null: max_travel for every "
+        "structure.")
     follow_anatomy: float | None = Field(
         DEFAULTS.follow_anatomy, ge=0, description="Structures whose learned reach (a fine-tuned package's, see "
         "reach_fraction) is at least this many seed diameters shift each prompt box by the image's motion between "
