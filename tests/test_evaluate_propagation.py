@@ -110,8 +110,9 @@ def test_the_report_has_every_run_case_and_structure(tmp_path):
 
 
 def test_prior_mode_scores_a_simulated_follow_up_beside_registration_alone(tmp_path):
-    """A bright block and a bright rod in soft tissue: the toy engine segments bright pixels perfectly, so the
-    fused result must match the moved mask at least as well as registration alone."""
+    """A bright block and a bright rod in soft tissue: the toy engine segments bright pixels perfectly, so
+    propagation alone must match the moved mask closely; the fused result (default min_agreement 1) is the
+    registration's."""
     ct = np.full((24, 64, 64), -100, np.int16)
     block = np.zeros(ct.shape, bool)
     block[6:18, 20:34, 16:28] = True
@@ -123,8 +124,8 @@ def test_prior_mode_scores_a_simulated_follow_up_beside_registration_alone(tmp_p
                                      labels=HN_ORGANS)
     assert set(summaries) == {"toy prior", "toy prior: propagation alone", "toy prior: registration alone"}
     fused = summaries["toy prior"]["Larynx"]["dice_mean"]
-    assert fused >= summaries["toy prior: registration alone"]["Larynx"]["dice_mean"] - 0.01
-    assert fused > 0.9
+    assert fused == summaries["toy prior: registration alone"]["Larynx"]["dice_mean"] > 0.8
+    assert summaries["toy prior: propagation alone"]["Larynx"]["dice_mean"] > 0.9
 
 
 def test_comparison_table_puts_runs_side_by_side():
