@@ -81,8 +81,8 @@ class PropagateParams(PipelineParams):
                             "failed jump retries the next slice, so fronts end where they would have).")
     long_slice_step: int | None = Field(
         DEFAULTS.long_slice_step, ge=1, le=16, description="The slice_step of long structures (those that follow "
-        "the anatomy, see follow_anatomy): a spinal cord changes little from slice to slice and would otherwise "
-        "take half a case's crops; null: slice_step.")
+        "the anatomy, see follow_anatomy; a multiple of slice_step keeps every front on one grid of slices); null: "
+        "slice_step.")
     crop_reuse: float = Field(DEFAULTS.crop_reuse, ge=1, le=2, description="Decode a structure on a crop another "
                               "structure already encoded on that slice when it holds the box and its side is "
                               "within this factor of the ideal crop's (1: every structure its own crops).")
