@@ -34,7 +34,7 @@ def train_reach(labels) -> tuple[dict[str, float], dict[str, object]]:
     """Median learned reach of each label over the OpenKBP train split, and its ReachLaw (seconds: masks only);
     what ``dicom-node finetune`` records from its training cases."""
     from models.data import read_npz
-    from models.propagate import fit_reach_law, middle_slice_extent
+    from models.propagate import learn_reach, middle_slice_extent
 
     extents: dict[str, list[tuple[float, float]]] = {}
     for path in sorted(OPENKBP.glob("*.npz")):
@@ -43,9 +43,9 @@ def train_reach(labels) -> tuple[dict[str, float], dict[str, object]]:
             e = middle_slice_extent(case.masks[c], case.spacing_xyz) if case.present[c] else None
             if e is not None and e[0] > 0:
                 extents.setdefault(label.name, []).append(e)
-    medians = {name: round(float(np.median([h / d for d, h in v])), 3) for name, v in extents.items()}
-    laws = {name: law for name, v in extents.items() if (law := fit_reach_law(v)) is not None}
-    return medians, laws
+    learned = {name: learn_reach(v) for name, v in extents.items()}
+    return ({name: median for name, (median, _) in learned.items()},
+            {name: law for name, (_, law) in learned.items() if law is not None})
 
 
 def extent_only(labels) -> None:

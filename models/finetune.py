@@ -43,7 +43,7 @@ from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
-                              fit_reach_law, logits_to_native, middle_slice_extent, normalise)
+                              learn_reach, logits_to_native, middle_slice_extent, normalise)
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
@@ -242,6 +242,7 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
         targets.append(shard["targets"])
         native += [np.unpackbits(m, count=shape[0] * shape[1]).reshape(shape).astype(bool) for m in shard["native"]]
     seconds = time.monotonic() - t0
+    learned = {c: learn_reach(v) for c, v in sorted(extents.items())}
     log.info("%s: %d crops from %d cases (%d encoded now in %.0f s)", split, len(items), len(paths), encoded, seconds)
     data = _Split(items, torch.cat(embeddings) if embeddings else torch.zeros(0, 256, 64, 64, dtype=torch.float16),
                   torch.cat(targets) if targets else torch.zeros(0, INPUT_SIZE, INPUT_SIZE, dtype=torch.bool), native)
@@ -249,10 +250,8 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
              "median_spacing_xyz": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
              # median over cases, in middle-slice diameters: the manifest's per-label reach (propagation's bound),
              # and, with enough cases, the reach against the middle slice's size (used instead)
-             "reach": {cfg.labels[c].name: round(float(np.median([h / d for d, h in v])), 3)
-                       for c, v in sorted(extents.items())},
-             "reach_law": {cfg.labels[c].name: asdict(law) for c, v in sorted(extents.items())
-                           if (law := fit_reach_law(v)) is not None}}
+             "reach": {cfg.labels[c].name: median for c, (median, _) in learned.items()},
+             "reach_law": {cfg.labels[c].name: asdict(law) for c, (_, law) in learned.items() if law is not None}}
     return data, stats
 
 

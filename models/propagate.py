@@ -43,7 +43,8 @@ from models.errors import ModelInputError
 from models.prompting import Prompt, PromptEngine, VolumePropagator
 
 __all__ = [
-    "PropagationSettings", "CropWindow", "ReachLaw", "fit_reach_law", "middle_slice_extent",
+    "PropagationSettings", "CropWindow", "ReachLaw", "fit_reach_law", "learn_reach", "middle_slice_extent",
+    "MIN_LAW_CASES",
     "equivalent_diameter_mm", "Seed", "StructureResult", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
     "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach", "travel_for",
@@ -367,6 +368,13 @@ def fit_reach_law(extents: Sequence[tuple[float, float]], exponent_bounds: tuple
     # the line through the means with the (clipped) slope, read at the reference diameter
     half = float(np.exp(log_h.mean() + exponent * (np.log(reference) - log_d.mean())))
     return ReachLaw(round(half, 2), round(reference, 2), round(exponent, 3))
+
+
+def learn_reach(extents: Sequence[tuple[float, float]]) -> tuple[float, ReachLaw | None]:
+    """What a package learns of one structure from its training cases' :func:`middle_slice_extent` pairs (a
+    non-empty list): the median :func:`learned_reach` (in middle-slice diameters, rounded as stored) and, with
+    enough cases, its :class:`ReachLaw`."""
+    return round(float(np.median([h / d for d, h in extents])), 3), fit_reach_law(extents)
 
 
 def travel_for(name: str, engine: object, settings: PropagationSettings) -> float | ReachLaw | None:
