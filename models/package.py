@@ -92,6 +92,14 @@ class ReachLawSpec(_Strict):
                             "(0: a fixed length in mm; 1: a fixed number of diameters, like ``reach``).")
 
 
+class AbutmentSpec(_Strict):
+    """Where a structure ends beside another in the training contours (models.propagate.Abutment)."""
+
+    label: str = Field(description="Name of the structure it ends beside (a label of this package).")
+    gap_mm: float = Field(description="From its end slice to the other's facing end slice, mm (one slice apart: the "
+                          "slice spacing; negative: they overlap).")
+
+
 class LabelSpec(_Strict):
     name: str = Field(description="TG-263 structure name, e.g. 'Parotid_L'.")
     source_names: tuple[str, ...] = Field(
@@ -117,6 +125,10 @@ class LabelSpec(_Strict):
     reach_law: ReachLawSpec | None = Field(
         None, description="Prompted engines: the reach fitted against the middle slice's size over the training "
         "contours (models.propagate.fit_reach_law); used instead of ``reach`` when present."
+    )
+    abuts: AbutmentSpec | None = Field(
+        None, description="Prompted engines: the structure this one ends beside in every training case, give or take "
+        "a slice (models.propagate.fit_abutments); its seeded fronts end where that structure's extent says."
     )
 
 
@@ -156,6 +168,9 @@ class Manifest(_Strict):
         for lab in self.labels:
             if lab.mirror is not None and lab.mirror not in names:
                 raise ValueError(f"label {lab.name!r}: mirror {lab.mirror!r} is not one of {names}")
+            if lab.abuts is not None and (lab.abuts.label not in names or lab.abuts.label == lab.name):
+                raise ValueError(f"label {lab.name!r}: abuts {lab.abuts.label!r}, which is not one of the other "
+                                 f"labels {[n for n in names if n != lab.name]}")
         if any(s <= 0 for s in self.target_spacing):
             raise ValueError(f"target_spacing must be positive, got {self.target_spacing}")
         return self

@@ -86,6 +86,15 @@ class PropagateParams(PipelineParams):
     crop_reuse: float = Field(DEFAULTS.crop_reuse, ge=1, le=2, description="Decode a structure on a crop another "
                               "structure already encoded on that slice when it holds the box and its side is "
                               "within this factor of the ideal crop's (1: every structure its own crops).")
+    refine: int = Field(DEFAULTS.refine, ge=0, le=3, description="A structure whose seed fills its box badly "
+                        "(under 45 %, e.g. a horseshoe mandible) decodes each new slice again this many times, "
+                        "prompted with the box of its own first mask instead of the neighbour's (on the same crop: "
+                        "a decode, no encoding).")
+    abut: bool = Field(DEFAULTS.abut, description="source: seed, with a fine-tuned package that learned which "
+                       "structures end beside another in every training case (a spinal cord below the brainstem): "
+                       "such a structure, seeded together with its neighbour, ends where the neighbour's extent "
+                       "begins, and as far from its seed on the other side (reach laws assume the seed is the "
+                       "middle slice).")
 
     def needs_prior_study(self) -> bool:
         return self.source == "prior"
@@ -123,7 +132,8 @@ class PropagatePipeline:
         if p.source == "prior":
             return run_prior(data, load_engine(p.engine, p.checkpoint), PropagationSettings(
                 min_area_fraction=p.min_area_fraction, max_growth=p.max_growth, slice_step=p.slice_step,
-                long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse, follow_anatomy=p.follow_anatomy),
+                long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse, follow_anatomy=p.follow_anatomy,
+                refine=p.refine),
                 structures=p.structures,
                 deformable=p.deformable, key_slices=p.key_slices, min_agreement=p.min_agreement,
                 version=self.version)
@@ -139,7 +149,8 @@ class PropagatePipeline:
         settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
                                        max_travel=p.max_travel, reach_fraction=p.reach_fraction,
                                        follow_anatomy=p.follow_anatomy, slice_step=p.slice_step,
-                                       long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse)
+                                       long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse,
+                                       refine=p.refine, abut=p.abut)
         seeds = {r.name: Seed(masks=r.masks, points=r.points) for r in rois}
         results = propagate(engine, data.volume.array.astype("float32"), seeds, settings,
                             spacing_xyz=data.volume.spacing)

@@ -114,6 +114,31 @@ def test_a_package_with_a_reach_law_bounds_its_structure_by_it(run, tmp_path):
         pytest.approx(0.8 * manifest.labels[1].reach)  # no law: its median reach
 
 
+def test_a_package_with_an_abutment_hands_it_to_the_engine_and_refuses_a_stranger(run, tmp_path):
+    """Two training cases are too few to learn an abutment (the run records none); a manifest that has one (as the
+    shipped hn-litemedsam's cord) gives the engine the rule by all the structure's names; one that names a label
+    the package does not have is refused when the package loads."""
+    from models.errors import ModelPackageError
+    from models.package import AbutmentSpec
+    from models.propagate import Abutment, abutments_for
+
+    tmp, _ = run
+    package = tmp_path / "hn-litemedsam"
+    shutil.copytree(tmp / "run" / "package" / "hn-litemedsam", package)
+    manifest = load_package(package).manifest
+    assert manifest.training["train"]["abuts"] == {} and all(lab.abuts is None for lab in manifest.labels)
+    spec = AbutmentSpec(label="Brainstem", gap_mm=2.5)
+    labels = (manifest.labels[0].model_copy(update={"abuts": spec}),) + manifest.labels[1:]
+    write_manifest(package, manifest.model_copy(update={"labels": labels}))
+    engine = load_engine("litemedsam", str(package))
+    assert engine.structure_abutment["rightparotid"] == Abutment("brainstem", 2.5)
+    assert abutments_for(["RightParotid", "BrainStem"], engine) == {"RightParotid": Abutment("BrainStem", 2.5)}
+    text = (package / "manifest.yaml").read_text().replace("label: Brainstem", "label: Larynx")
+    (package / "manifest.yaml").write_text(text)
+    with pytest.raises(ModelPackageError, match="abuts 'Larynx', which is not one of the other labels"):
+        load_package(package)
+
+
 def test_the_package_loads_through_the_engine_registry_and_decodes_as_training_did(run):
     tmp, _ = run
     path = tmp / "run" / "package" / "hn-litemedsam"

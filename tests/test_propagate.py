@@ -12,6 +12,7 @@ from models.propagate import (
     CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
     interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach,
     region_from_clicks, stop_reason, travel_for, within_reach, learned_reach, anatomy_shift, follows_anatomy,
+    Abutment, abut, abutments_for, box_fill, facing_gap_mm, fit_abutments,
     ReachLaw, fit_reach_law, middle_slice_extent, MIN_LAW_CASES,
 )
 from pipeline_checks import dice
@@ -254,6 +255,75 @@ class _BrightThingEngine:
         return out
 
 
+def test_abutments_are_learned_only_where_ends_meet_in_every_case():
+    stem, cord = np.zeros((2, 60, 8, 8), bool)
+    stem[40:50, 2:6, 2:6] = True
+    cord[5:40, 3:5, 3:5] = True  # ends on the slice below the brainstem's first
+    assert facing_gap_mm(cord, stem, 2.5) == facing_gap_mm(stem, cord, 2.5) == 2.5
+    assert facing_gap_mm(stem[::-1], cord[::-1], 2.5) == 2.5  # the other way up: the same ends face each other
+    cord[45:48] = True
+    assert facing_gap_mm(cord, stem, 2.5) == -17.5  # the cord now ends 7 slices past the brainstem's first
+    assert facing_gap_mm(np.zeros_like(cord), stem, 2.5) is None
+    rng = np.random.default_rng(0)
+    tight = list(2.5 + rng.choice([-2.5, 0.0, 2.5], 30, p=[0.05, 0.9, 0.05]))
+    loose = list(rng.normal(6.0, 8.0, 30))  # larynx to esophagus: 90 % within 12 mm of the median, not 5
+    half = {"SpinalCord": 90.0, "Brainstem": 25.0, "Larynx": 13.0, "Esophagus": 35.0}
+    learned = fit_abutments({("Brainstem", "SpinalCord"): tight, ("Esophagus", "Larynx"): loose}, half)
+    assert learned == {"SpinalCord": Abutment("brainstem", 2.5)}  # the longer structure ends by the shorter one
+    assert fit_abutments({("Brainstem", "SpinalCord"): tight[:MIN_LAW_CASES - 1]}, half) == {}
+
+
+def test_an_abutting_structure_ends_beside_its_neighbour_and_mirrors_its_half_length():
+    disc = np.ones((4, 4), bool)
+    stem = Seed({80: disc}, extent=(74, 86))
+    rule = {"cord": Abutment("stem", 2.5)}
+    # one seed: the end facing the brainstem moves to the slice below it, the other end mirrors that half-length
+    out = abut({"cord": Seed({40: disc}, extent=(10, 70)), "stem": stem}, rule, 2.5, 100)
+    assert out["cord"].extent == (7, 73) and out["stem"] is stem
+    assert abut({"cord": Seed({40: disc}, extent=(10, 70)), "stem": stem}, rule, 2.5, 60)["cord"].extent == (7, 59)
+    # several seeds: only the facing end moves
+    two = abut({"cord": Seed({30: disc, 50: disc}, extent=(10, 70)), "stem": stem}, rule, 2.5, 100)
+    assert two["cord"].extent == (10, 73)
+    # upside down (the brainstem below): the cord's lower end moves up
+    flipped = abut({"cord": Seed({59: disc}, extent=(29, 89)), "stem": Seed({19: disc}, extent=(13, 25))},
+                   rule, 2.5, 100)
+    assert flipped["cord"].extent == (26, 92)
+    # a seed beyond the convention's end, a neighbour not seeded, or no extent: left alone
+    assert abut({"cord": Seed({75: disc}, extent=(45, 99)), "stem": stem}, rule, 2.5, 100)["cord"].extent == (45, 99)
+    assert abut({"cord": Seed({40: disc}, extent=(10, 70))}, rule, 2.5, 100)["cord"].extent == (10, 70)
+    assert abut({"cord": Seed({40: disc}), "stem": stem}, rule, 2.5, 100)["cord"].extent is None
+
+    class Learned:
+        structure_abutment = {"spinalcord": Abutment("brainstem", 2.5), "spinal_cord": Abutment("brainstem", 2.5)}
+        structure_names = {"brainstem": "brainstem", "brainstem_pontine": "brainstem"}
+
+    assert abutments_for(["Spinal_Cord", "BrainStem_Pontine", "Larynx"], Learned()) == {
+        "Spinal_Cord": Abutment("BrainStem_Pontine", 2.5)}  # keyed and pointing by seed key, through any name
+    assert abutments_for(["SpinalCord"], Learned()) == {}  # its neighbour is not seeded
+
+
+def test_propagation_ends_a_cord_where_the_brainstem_begins():
+    """A cord longer than its reach law says and a brainstem above it: with the learned abutment the cord's front
+    runs up to the slice below the brainstem's extent and as far down again; without it, the law's half-length."""
+
+    class LearnedBrightThing(_BrightThingEngine):
+        structure_reach_law = {"cord": ReachLaw(half_mm=30.0, diameter_mm=20.0, exponent=0.0),
+                               "stem": ReachLaw(half_mm=10.0, diameter_mm=20.0, exponent=0.0)}
+        structure_abutment = {"cord": Abutment("stem", 2.5)}
+
+    zz, yy, xx = np.mgrid[0:80, 0:48, 0:48]
+    cord = (np.hypot(yy - 30, xx - 24) <= 3) & (zz >= 10) & (zz <= 50)  # 41 slices: 50 mm each way at 2.5 mm
+    stem = (np.hypot(yy - 30, xx - 24) <= 5) & (zz >= 51) & (zz <= 59)
+    image = np.where(cord | stem, 100.0, -500.0)
+    seeds = {"cord": Seed({30: cord[30]}), "stem": Seed({55: stem[55]})}
+    ends = {}
+    for on in (True, False):
+        found = propagate(LearnedBrightThing(), image, seeds, PropagationSettings(abut=on), spacing_xyz=(4, 4, 2.5))
+        ends[on] = tuple(np.flatnonzero(found["cord"].mask.any(axis=(1, 2)))[[0, -1]])
+    assert ends[False] == (18, 42)  # 30 mm = 12 slices each way
+    assert ends[True] == (10, 50)  # the stem's extent starts at 51 (55 - 4), the cord ends on 50 and mirrors to 10
+
+
 def test_stepping_over_slices_interpolates_and_ends_where_single_steps_end():
     """A lens-shaped organ, 29 slices long, seeded on its middle slice: with slice_step 2 every other slice is
     decoded and the rest interpolated; a failed jump retries the next slice, so the ends come out the same."""
@@ -277,6 +347,41 @@ def test_stepping_over_slices_interpolates_and_ends_where_single_steps_end():
     a, b = (np.hypot(yy[0] - 24, xx[0] - c) <= 6 for c in (16, 32))
     mid = interpolate_masks(a, b, 0.5)
     assert np.array_equal(mid, np.hypot(yy[0] - 24, xx[0] - 24) <= 6)
+
+
+def test_a_horseshoe_is_decoded_again_on_its_own_box_and_a_disc_is_not():
+    """refine: fronts whose seed fills its box badly (box_fill < poor_fill) decode each new slice a second time,
+    prompted with the first mask's box; compact seeds cost no extra decode."""
+
+    class Counting(_BrightThingEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoded = 0
+
+        def decode(self, embeddings, prompts):
+            self.decoded += len(prompts)
+            return super().decode(embeddings, prompts)
+
+    zz, yy, xx = np.mgrid[0:20, 0:64, 0:64]
+    radius = np.hypot(yy - 24, xx - 32)
+    shapes = {"horseshoe": (radius >= 8) & (radius <= 10) & (yy >= 24), "disc": radius <= 6}
+    assert box_fill(shapes["horseshoe"][10]) < 0.45 < box_fill(shapes["disc"][10])
+    for name, shape in shapes.items():
+        image = np.where(shape, 100.0, -500.0)
+        decoded, found = {}, {}
+        for refine in (0, 1):
+            engine = Counting()
+            found[refine] = propagate(engine, image, {name: Seed({10: shape[10]})},
+                                      PropagationSettings(refine=refine, max_travel=None))[name].mask
+            decoded[refine] = engine.decoded
+        assert dice(found[1], shape) > 0.95 and dice(found[0], shape) > 0.95
+        if name == "disc":
+            assert decoded[1] == decoded[0]
+        else:
+            assert decoded[1] == 2 * decoded[0], decoded
+    assert box_fill(np.zeros((4, 4), bool)) == 0.0
+    with pytest.raises(ValueError, match="refine must be >= 0, got -1"):
+        PropagationSettings(refine=-1)
 
 
 def test_long_structures_take_longer_steps():
