@@ -21,9 +21,9 @@ end), so without it fronts ran on to the volume's end (fine-tuned seed-mode Dice
 unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0; bench/propagate_reach.py). Where a package learned that a structure ends beside
 another (:class:`Abutment`: a spinal cord ends below the brainstem) and both are seeded, that end comes from the
 neighbour's extent instead (:func:`abut`). Between two seeds each slice is propagated from the nearer one, so
-seeds constrain each other. A structure whose seed fills its box badly (a horseshoe mandible) has each new slice
-decoded twice (``refine``): first with the neighbour's box, then with the box of that first mask, on the same
-crop. Fronts decode every
+seeds constrain each other. With ``refine``, a structure whose seed fills its box badly (a horseshoe mandible)
+has each new slice decoded twice: first with the neighbour's box, then with the box of that first mask, on the
+same crop (off by default: it helped on train patients, not on validation). Fronts decode every
 ``slice_step``-th slice (long structures every ``long_slice_step``-th) and interpolate the slices between: the
 encoder is nearly all of the time. Crops of all structures and directions are encoded in batches, and encodings
 are cached by (slice, window), so seeds and evaluations that visit the same crop pay once.
@@ -102,12 +102,12 @@ class PropagationSettings:
     crop_reuse: float = 1.5  # decode on a crop already encoded on that slice (another structure's) when it holds
     # the box and its side is within this factor of the ideal crop's; 1: never (2.5 cost the parotids 0.1)
     abut: bool = True  # structures a package learned to end beside another (Abutment) end where its extent says
-    refine: int = 1  # fronts from a seed that fills its box badly (fill < poor_fill: a horseshoe mandible) decode
-    # each new slice again this many times, prompted with that mask's own box (same crop: decodes only). 1.3.0 on OpenKBP train
-    # patients 47, 130 and five more (as long_slice_step), every new slice refined: 0.730 -> 0.742 (mandible
-    # 0.696 -> 0.786: the neighbour slice's box of a horseshoe holds other bone; cord +0.006, the others within
-    # 0.005; 2: 0.743) but 4-14 s more per validation case; gated by the new slice's own fill the mandible kept
-    # only 0.729 (patient 47: 0.57 against 0.74), so the seed decides
+    refine: int = 0  # fronts from a seed that fills its box badly (fill < poor_fill: a horseshoe mandible) decode
+    # each new slice again this many times, prompted with that mask's own box (same crop: decodes only). 1.3.0 on
+    # OpenKBP train patients 47, 130 and five more (as long_slice_step), every new slice refined: 0.730 -> 0.742
+    # (mandible 0.696 -> 0.786, n = 3; cord +0.006, the others within 0.005; 2: 0.743) but 4-14 s more per
+    # validation case; gated by the new slice's own fill the mandible kept only 0.729, so the seed decides. On the
+    # 33 validation patients (1.4.0) the mandible went 0.708 -> 0.704 and two cases took over 60 s: off by default
     snap: int = 2  # crop origin and side snapped to this many pixels so nearby visits share a cached encoding
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK otherwise suffers Nagle delays on loopback
+
+
+def dcmtk(tool: str) -> str:
+    """The path of DCMTK's ``tool`` (storescp, storescu, echoscu). pynetdicom >= 3.0.4 installs Python apps of the
+    same names into the virtual environment's bin, which comes first on PATH once the environment is activated;
+    their options differ, so that folder is skipped."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p and Path(p).resolve() != venv_bin)
+    found = shutil.which(tool, path=path)
+    if found is None:
+        raise RuntimeError(f"DCMTK's {tool} is not on PATH (Debian package dcmtk)")
+    return found
 
 
 def free_port() -> int:
@@ -65,7 +79,7 @@ def storescp(folder: Path, ae_title: str = "TPS", port: int | None = None) -> It
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        ["storescp", "-aet", ae_title, "+xa", "+uf", "-od", str(folder), str(port)],
+        [dcmtk("storescp"), "-aet", ae_title, "+xa", "+uf", "-od", str(folder), str(port)],
         env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -79,7 +93,7 @@ def storescu(port: int, files: list[Path], calling: str = "TPS", called: str = "
              extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """DCMTK storescu; proposes each file's own transfer syntax (``-xs``-free defaults + ``--propose-*``)."""
     return subprocess.run(
-        ["storescu", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, files)],
+        [dcmtk("storescu"), "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, files)],
         env=DCMTK_ENV, capture_output=True, text=True, timeout=300,
     )
 

@@ -17,7 +17,7 @@ from dicom_node.status import Status
 from config.node import AcceptEntry, Destination
 from dicomutil import dataset_bytes, sop_uid, transfer_syntax
 from factories import DICOM_DATA
-from netutil import storescu, wait_until
+from netutil import dcmtk, storescu, wait_until
 
 
 def _stored(node) -> dict[str, Path]:
@@ -113,10 +113,10 @@ def test_pynetdicom_sender_and_echo(make_node, openkbp_series):
 
 def test_dcmtk_echoscu(make_node):
     node = make_node()
-    ok = subprocess.run(["echoscu", "-aet", "TPS", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+    ok = subprocess.run([dcmtk("echoscu"), "-aet", "TPS", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run(["echoscu", "-aet", "NOBODY", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+    refused = subprocess.run([dcmtk("echoscu"), "-aet", "NOBODY", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stderr
 
