@@ -34,7 +34,7 @@ def train_reach(labels) -> tuple[dict[str, float], dict[str, object], dict[str, 
     """Median learned reach of each label over the OpenKBP train split, its ReachLaw and the Abutments (seconds:
     masks only); what ``dicom-node finetune`` records from its training cases."""
     from models.data import read_npz
-    from models.propagate import facing_gap_mm, fit_abutments, learn_reach, middle_slice_extent
+    from models.propagate import fit_abutments, learn_reach, middle_slice_extent, pair_gaps
 
     extents: dict[str, list[tuple[float, float]]] = {}
     gaps: dict[tuple[str, str], list[float]] = {}
@@ -45,11 +45,8 @@ def train_reach(labels) -> tuple[dict[str, float], dict[str, object], dict[str, 
             e = middle_slice_extent(case.masks[c], case.spacing_xyz)
             if e is not None and e[0] > 0:
                 extents.setdefault(labels[c].name, []).append(e)
-        for i, a in enumerate(present):
-            for b in present[i + 1:]:
-                g = facing_gap_mm(case.masks[a] > 0, case.masks[b] > 0, case.spacing_xyz[2])
-                if g is not None:
-                    gaps.setdefault((labels[a].name, labels[b].name), []).append(g)
+        for pair, g in pair_gaps({labels[c].name: case.masks[c] > 0 for c in present}, case.spacing_xyz[2]).items():
+            gaps.setdefault(pair, []).append(g)
     learned = {name: learn_reach(v) for name, v in extents.items()}
     abutments = fit_abutments(gaps, {name: float(np.median([h for _, h in v])) for name, v in extents.items()})
     return ({name: median for name, (median, _) in learned.items()},

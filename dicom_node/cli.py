@@ -390,8 +390,8 @@ def evaluate_propagation(
             help="Structures learned to reach at least this far shift prompt boxes by the image's motion between "
                  "slices (the propagate pipeline's follow_anatomy; default: its default); -1: none.")] = None,
         refine: Annotated[Optional[int], typer.Option(
-            help="Re-decode each new slice this many times with its own mask's box (the propagate pipeline's "
-                 "refine; default: its default).")] = None,
+            help="Structures whose seed fills its box badly (a mandible) decode each new slice again this many "
+                 "times on its own mask's box (the propagate pipeline's refine; default: its default).")] = None,
         abut: Annotated[Optional[bool], typer.Option(
             help="Structures a checkpoint learned to end beside another end there (the propagate pipeline's "
                  "abut; default: its default).")] = None,
@@ -420,7 +420,8 @@ def evaluate_propagation(
         typer.echo(f"--seed-slices must be 1 or 3, got {seed_slices}", err=True)
         raise typer.Exit(2)
     chosen = {"slice_step": slice_step, "long_slice_step": long_slice_step, "crop_reuse": crop_reuse,
-              "reach_fraction": reach_fraction, "follow_anatomy": follow_anatomy, "refine": refine, "abut": abut}
+              "reach_fraction": reach_fraction, "follow_anatomy": follow_anatomy, "refine": refine,
+              "abut": abut}
     turned_off = {"long_slice_step": 0, "reach_fraction": 0, "follow_anatomy": -1}  # the value that means "none"
     try:  # an option not given keeps the pipeline's default
         settings = PropagationSettings(**{k: None if v == turned_off.get(k) else v

@@ -43,8 +43,8 @@ from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
-                              facing_gap_mm, fit_abutments, learn_reach, logits_to_native, middle_slice_extent,
-                              normalise)
+                              fit_abutments, learn_reach, logits_to_native, middle_slice_extent, normalise,
+                              pair_gaps)
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
@@ -185,7 +185,7 @@ def _fingerprint(items: Sequence[CropItem], base_sha: str) -> str:
 class _CaseGeometry:
     spacing_xyz: tuple[float, ...]
     extents: dict[int, tuple[float, float]]  # label -> middle_slice_extent: the reach's measurements
-    gaps: dict[tuple[int, int], float]  # (label, later label) -> facing_gap_mm: the abutments' measurements
+    gaps: dict[tuple[str, str], float]  # (label name, later label's) -> facing_gap_mm: the abutments' measurements
 
 
 def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSamEngine, per_structure: int,
@@ -195,11 +195,10 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
     case's geometry (what a package learns of its structures' extents)."""
     case = read_npz(path, _labels(cfg), _keymap(cfg))
     present = [int(c) for c in np.flatnonzero(case.present)]
+    extents = {c: middle_slice_extent(case.masks[c], case.spacing_xyz) for c in present}
     geometry = _CaseGeometry(
-        case.spacing_xyz,
-        {c: e for c in present if (e := middle_slice_extent(case.masks[c], case.spacing_xyz)) is not None and e[0] > 0},
-        {(a, b): g for i, a in enumerate(present) for b in present[i + 1:]
-         if (g := facing_gap_mm(case.masks[a] > 0, case.masks[b] > 0, case.spacing_xyz[2])) is not None})
+        case.spacing_xyz, {c: e for c, e in extents.items() if e is not None and e[0] > 0},
+        pair_gaps({cfg.labels[c].name: case.masks[c] > 0 for c in present}, case.spacing_xyz[2]))
     rng = np.random.default_rng([cfg.seed, zlib.crc32(case.case_id.encode())])  # a case's draw ignores the others
     items = sample_items(case.case_id, case.masks, case.present, per_structure, cfg.data.min_pixels,
                          neighbour_fraction, rng, cfg.data.neighbour_distance)
@@ -253,8 +252,8 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
         spacings.append(geometry.spacing_xyz)
         for c, e in geometry.extents.items():
             extents.setdefault(c, []).append(e)
-        for (a, b), g in geometry.gaps.items():
-            gaps.setdefault((cfg.labels[a].name, cfg.labels[b].name), []).append(g)
+        for pair, g in geometry.gaps.items():
+            gaps.setdefault(pair, []).append(g)
         shape = shard["shape"]
         items += [_item(d) for d in shard["items"]]
         embeddings.append(shard["embeddings"])

@@ -18,12 +18,13 @@ saw enough cases learned a :class:`ReachLaw`, the half-length in mm as a power o
 size prior, and it is needed: past an organ's end SAM keeps segmenting something of the same size in the previous
 slice's box (OpenKBP train patients 95-97: areas within ~20 % and no drop in the logits for 10 slices past the
 end), so without it fronts ran on to the volume's end (fine-tuned seed-mode Dice on those patients: 0.23
-unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0; bench/propagate_reach.py). Where a package learned that a structure ends beside
-another (:class:`Abutment`: a spinal cord ends below the brainstem) and both are seeded, that end comes from the
-neighbour's extent instead (:func:`abut`). Between two seeds each slice is propagated from the nearer one, so
-seeds constrain each other. With ``refine``, a structure whose seed fills its box badly (a horseshoe mandible)
-has each new slice decoded twice: first with the neighbour's box, then with the box of that first mask, on the
-same crop (off by default: it helped on train patients, not on validation). Fronts decode every
+unbounded, 0.54 with ``max_travel`` 1.0, 0.52-0.45 for 0.6 and 1.2-2.0; bench/propagate_reach.py). Where a
+package learned that a structure ends beside another (:class:`Abutment`: a spinal cord ends below the brainstem)
+and both are seeded, that end comes from the neighbour's extent instead (:func:`abut`). Between two seeds each
+slice is propagated from the nearer one, so seeds constrain each other. With ``refine``, a structure whose seed
+fills its box badly (a horseshoe mandible) has each new slice decoded twice: first with the neighbour's box, then
+with the box of that first mask, on the same crop (off by default: it helped on train patients, not on
+validation). Fronts decode every
 ``slice_step``-th slice (long structures every ``long_slice_step``-th) and interpolate the slices between: the
 encoder is nearly all of the time. Crops of all structures and directions are encoded in batches, and encodings
 are cached by (slice, window), so seeds and evaluations that visit the same crop pay once.
@@ -48,10 +49,12 @@ from models.prompting import Prompt, PromptEngine, VolumePropagator
 
 __all__ = [
     "PropagationSettings", "CropWindow", "ReachLaw", "fit_reach_law", "learn_reach", "middle_slice_extent",
-    "MIN_LAW_CASES", "Abutment", "ABUTMENT_TOLERANCE_MM", "facing_gap_mm", "fit_abutments", "abut", "abutments_for",
+    "MIN_LAW_CASES", "Abutment", "ABUTMENT_TOLERANCE_MM", "facing_gap_mm", "pair_gaps", "fit_abutments", "abut",
+    "abutments_for",
     "equivalent_diameter_mm", "Seed", "StructureResult", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
-    "box_fill", "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach", "travel_for",
+    "box_fill", "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach",
+    "travel_for",
     "follows_anatomy", "within_reach", "plan_fronts", "propagate", "FOLLOW_ANATOMY", "REACH_FRACTION",
     "segment_slices", "reusable_window", "region_from_clicks", "interpolate_masks",
 ]
@@ -422,6 +425,14 @@ def facing_gap_mm(a: np.ndarray, b: np.ndarray, slice_mm: float) -> float | None
         return None
     gap = zb[0] - za[-1] if zb[0] + zb[-1] > za[0] + za[-1] else za[0] - zb[-1]
     return float(gap * slice_mm)
+
+
+def pair_gaps(masks: Mapping[str, np.ndarray], slice_mm: float) -> dict[tuple[str, str], float]:
+    """:func:`facing_gap_mm` of every pair of one case's 3-D masks (by name, in the mapping's order), skipping
+    empty ones: a case's measurements for :func:`fit_abutments`."""
+    names = list(masks)
+    return {(a, b): g for i, a in enumerate(names) for b in names[i + 1:]
+            if (g := facing_gap_mm(masks[a], masks[b], slice_mm)) is not None}
 
 
 def fit_abutments(gaps: Mapping[tuple[str, str], Sequence[float]], half_mm: Mapping[str, float],
