@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,7 @@ __all__ = [
     "PropagationSettings", "CropWindow", "ReachLaw", "fit_reach_law", "learn_reach", "middle_slice_extent",
     "MIN_LAW_CASES", "Abutment", "ABUTMENT_TOLERANCE_MM", "facing_gap_mm", "pair_gaps", "fit_abutments", "abut",
     "abutments_for",
-    "equivalent_diameter_mm", "Seed", "StructureResult", "EncodingCache",
+    "equivalent_diameter_mm", "Seed", "StructureResult", "Decode", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
     "box_fill", "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach",
     "travel_for",
@@ -290,6 +290,18 @@ class Seed:
     masks: Mapping[int, np.ndarray]  # z -> bool (Y, X)
     points: Mapping[int, np.ndarray] = field(default_factory=dict)  # z -> (K, 2) (y, x) clicks
     extent: tuple[int, int] | None = None  # inclusive z bounds fronts may not pass (prior mode)
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One decode of a front, as :func:`propagate` ran it (for ``on_decode``: e.g. on-policy training items)."""
+
+    key: str
+    z: int  # the slice decoded
+    window: CropWindow
+    embedding: Any  # the engine's encoding of that crop
+    prompt: Prompt
+    logits: np.ndarray  # (size, size) decoder output on the crop
 
 
 @dataclass
@@ -623,7 +635,8 @@ def _prompt(mask: np.ndarray, logits: np.ndarray | None, clicks: np.ndarray | No
 
 def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], jumps: Sequence[int],
                  seeds: Mapping[str, Seed], s: PropagationSettings,
-                 cache: EncodingCache, follow: frozenset[str] = frozenset()) -> list[tuple[np.ndarray, np.ndarray]]:
+                 cache: EncodingCache, follow: frozenset[str] = frozenset(),
+                 on_decode: Callable[[Decode], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each front's mask on the slice ``jump`` slices ahead, prompted with its current mask's box."""
     size, shape = engine.input_size, image.shape[1:]
     targets = [f.z + f.step * k for f, k in zip(fronts, jumps)]
@@ -640,6 +653,9 @@ def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], 
     prompts = [_prompt(f.mask, f.logits, seeds[f.key].points.get(z), w, size, s, sh)
                for f, z, w, sh in zip(fronts, targets, windows, shifts)]
     logits = engine.decode(embeddings, prompts)
+    if on_decode is not None:
+        for f, z, w, e, p, lg in zip(fronts, targets, windows, embeddings, prompts, logits):
+            on_decode(Decode(f.key, z, w, e, p, lg))
     out = []
     for f, w, lg in zip(fronts, windows, logits):
         native = logits_to_native(lg, w, shape)
@@ -742,10 +758,11 @@ def _advance(f: _Front, k: int, new: np.ndarray, native: np.ndarray, out: np.nda
 
 def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed],
               settings: PropagationSettings | None = None, cache: EncodingCache | None = None,
-              spacing_xyz: Sequence[float] | None = None) -> dict[str, StructureResult]:
+              spacing_xyz: Sequence[float] | None = None,
+              on_decode: Callable[[Decode], None] | None = None) -> dict[str, StructureResult]:
     """Propagate every structure's seeds through ``image`` (Z, Y, X, HU) of voxel size ``spacing_xyz`` (mm; None:
     isotropic); all fronts advance in lockstep so each step's crops are encoded as one batch. Seed slices are
-    returned exactly as given."""
+    returned exactly as given. ``on_decode`` sees every front's decode (not the second decodes of ``refine``)."""
     s = settings or PropagationSettings()
     if image.ndim != 3:
         raise ModelInputError(f"image must be 3-D (Z, Y, X), got shape {image.shape}")
@@ -781,7 +798,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
     while active:
         jumps = [min(_to_grid(f.z, f.step, f.stride), abs(f.last - f.z)) for f in active]
         retry: list[_Front] = []
-        decoded = _decode_step(engine, image, active, jumps, seeds, s, cache, follow)
+        decoded = _decode_step(engine, image, active, jumps, seeds, s, cache, follow, on_decode)
         for f, k, (new, native) in zip(active, jumps, decoded):
             reason = stop_reason(new, f.mask, f.seed_area, s)
             if reason is None:
@@ -790,7 +807,8 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
                 retry.append(f)
             else:
                 f.stop = f"{reason} at slice {f.z + f.step}"
-        retried = _decode_step(engine, image, retry, [1] * len(retry), seeds, s, cache, follow) if retry else []
+        retried = (_decode_step(engine, image, retry, [1] * len(retry), seeds, s, cache, follow, on_decode)
+                   if retry else [])
         for f, (new, native) in zip(retry, retried):
             reason = stop_reason(new, f.mask, f.seed_area, s)
             if reason is None:

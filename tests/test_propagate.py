@@ -349,6 +349,30 @@ def test_stepping_over_slices_interpolates_and_ends_where_single_steps_end():
     assert np.array_equal(mid, np.hypot(yy[0] - 24, xx[0] - 24) <= 6)
 
 
+def test_every_decode_is_shown_to_an_observer_with_its_crop_and_prompt():
+    """``on_decode`` sees each front's decode (what on-policy fine-tuning trains on): the slice, the crop window,
+    the encoding and the box the front gave, in input pixels, around the structure on that slice."""
+    zz, yy, xx = np.mgrid[0:30, 0:48, 0:48]
+    organ = (np.hypot(yy - 24, xx - 20 - zz / 5) <= 6) & (zz >= 5) & (zz <= 25)
+    image = np.where(organ, 100.0, -500.0)
+    seen = []
+    engine = _BrightThingEngine()
+    settings = PropagationSettings(slice_step=2, max_travel=None)
+    mask = propagate(engine, image, {"organ": Seed({15: organ[15]})}, settings, on_decode=seen.append)["organ"].mask
+    assert dice(mask, organ) > 0.95
+    assert len(seen) >= 10 and {d.key for d in seen} == {"organ"}
+    zs = {d.z for d in seen}  # both fronts, out to the ends (a decode past an end is shown too)
+    assert 15 not in zs and min(zs) <= 5 and max(zs) >= 25, sorted(zs)
+    for d in seen:
+        assert d.logits.shape == (256, 256) and d.embedding.shape == (256, 256)
+        if organ[d.z].any():  # the prompt box, back on the slice, lies on the structure there
+            x0, y0, x1, y1 = d.prompt.box
+            scale = d.window.side / 256
+            cx, cy = d.window.x0 + (x0 + x1) / 2 * scale, d.window.y0 + (y0 + y1) / 2 * scale
+            ys, xs = np.nonzero(organ[d.z])
+            assert abs(cx - xs.mean()) < 2 and abs(cy - ys.mean()) < 2, (d.z, cx, cy)
+
+
 def test_a_horseshoe_is_decoded_again_on_its_own_box_and_a_disc_is_not():
     """refine: fronts whose seed fills its box badly (box_fill < poor_fill) decode each new slice a second time,
     prompted with the first mask's box; compact seeds cost no extra decode."""
