@@ -762,7 +762,8 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
               on_decode: Callable[[Decode], None] | None = None) -> dict[str, StructureResult]:
     """Propagate every structure's seeds through ``image`` (Z, Y, X, HU) of voxel size ``spacing_xyz`` (mm; None:
     isotropic); all fronts advance in lockstep so each step's crops are encoded as one batch. Seed slices are
-    returned exactly as given. ``on_decode`` sees every front's decode (not the second decodes of ``refine``)."""
+    returned exactly as given. ``on_decode`` sees every front's decode (not the second decodes of ``refine``; a
+    :class:`VolumePropagator` tracks by itself and shows none)."""
     s = settings or PropagationSettings()
     if image.ndim != 3:
         raise ModelInputError(f"image must be 3-D (Z, Y, X), got shape {image.shape}")
