@@ -78,34 +78,32 @@ def read_items(shards: list[Path]):
     """(label, window, input box) per item, embeddings, crop targets and native slices of on-policy shards."""
     import torch
 
+    from models.finetune import unpack_native
     from models.propagate import CropWindow
 
     items, embeddings, targets, native = [], [], [], []
     for shard in shards:
         d = torch.load(shard, weights_only=False)
-        shape = d["shape"]
-        for j, it in enumerate(d["items"]):
-            items.append((it["label"], CropWindow(**it["window"]), tuple(it["box"])))
-            embeddings.append(d["embeddings"][j])
-            targets.append(d["targets"][j])
-            native.append(np.unpackbits(d["native"][j], count=shape[0] * shape[1]).reshape(shape).astype(bool))
-    return items, torch.stack(embeddings), torch.stack(targets), native
+        items += [(it["label"], CropWindow(**it["window"]), tuple(it["box"])) for it in d["items"]]
+        embeddings.append(d["embeddings"])
+        targets.append(d["targets"])
+        native += unpack_native(d)
+    return items, torch.cat(embeddings), torch.cat(targets), native
 
 
 def read_crops(folder: Path):
     """A ``dicom-node finetune`` run's cached crops of one split (models.finetune's shard format)."""
     import torch
 
-    from models.finetune import _item
+    from models.finetune import _item, unpack_native
 
     items, embeddings, targets, native = [], [], [], []
     for shard in sorted(folder.glob("*.pt")):
         d = torch.load(shard, weights_only=False)
-        shape = d["shape"]
         items += [_item(x) for x in d["items"]]
         embeddings.append(d["embeddings"])
         targets.append(d["targets"])
-        native += [np.unpackbits(m, count=shape[0] * shape[1]).reshape(shape).astype(bool) for m in d["native"]]
+        native += unpack_native(d)
     return items, torch.cat(embeddings), torch.cat(targets), native
 
 

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_in
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
-           "segmentation_loss", "native_dice", "build_cache", "validate", "finetune"]
+           "segmentation_loss", "native_dice", "build_cache", "unpack_native", "validate", "finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,12 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
     return shard_data, len(items), geometry
 
 
+def unpack_native(shard: Mapping[str, Any]) -> list[np.ndarray]:
+    """A cached shard's native slices, stored bit-packed, as bool (Y, X) arrays."""
+    h, w = shard["shape"]
+    return [np.unpackbits(m, count=h * w).reshape(h, w).astype(bool) for m in shard["native"]]
+
+
 def _label_named(cfg: FinetuneConfig, lower: str) -> str:
     return next(lab.name for lab in cfg.labels if lab.name.lower() == lower)
 
@@ -254,11 +260,10 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
             extents.setdefault(c, []).append(e)
         for pair, g in geometry.gaps.items():
             gaps.setdefault(pair, []).append(g)
-        shape = shard["shape"]
         items += [_item(d) for d in shard["items"]]
         embeddings.append(shard["embeddings"])
         targets.append(shard["targets"])
-        native += [np.unpackbits(m, count=shape[0] * shape[1]).reshape(shape).astype(bool) for m in shard["native"]]
+        native += unpack_native(shard)
     seconds = time.monotonic() - t0
     learned = {c: learn_reach(v) for c, v in sorted(extents.items())}
     abutments = fit_abutments(gaps, {cfg.labels[c].name: float(np.median([h for _, h in v]))
