@@ -395,6 +395,9 @@ def evaluate_propagation(
         abut: Annotated[Optional[bool], typer.Option(
             help="Structures a checkpoint learned to end beside another end there (the propagate pipeline's "
                  "abut; default: its default).")] = None,
+        learned_growth: Annotated[Optional[bool], typer.Option(
+            help="Structures a checkpoint learned to grow more than max_growth from one slice to the next stop "
+                 "only beyond that (the propagate pipeline's learned_growth; default: its default).")] = None,
         truebox: Annotated[bool, typer.Option(help="Add the zero-shot true-box-per-slice upper bound "
                                                     "column.")] = True,
         zero_shot: Annotated[bool, typer.Option(help="Run the engine's default weights too (off: only the "
@@ -421,7 +424,7 @@ def evaluate_propagation(
         raise typer.Exit(2)
     chosen = {"slice_step": slice_step, "long_slice_step": long_slice_step, "crop_reuse": crop_reuse,
               "reach_fraction": reach_fraction, "follow_anatomy": follow_anatomy, "refine": refine,
-              "abut": abut}
+              "abut": abut, "use_learned_growth": learned_growth}
     turned_off = {"long_slice_step": 0, "reach_fraction": 0, "follow_anatomy": -1}  # the value that means "none"
     try:  # an option not given keeps the pipeline's default
         settings = PropagationSettings(**{k: None if v == turned_off.get(k) else v

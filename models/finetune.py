@@ -43,8 +43,8 @@ from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
 from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
-                              fit_abutments, learn_reach, logits_to_native, middle_slice_extent, normalise,
-                              pair_gaps)
+                              fit_abutments, learn_growth, learn_reach, learned_growth, logits_to_native,
+                              middle_slice_extent, normalise, pair_gaps)
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
@@ -186,6 +186,7 @@ class _CaseGeometry:
     spacing_xyz: tuple[float, ...]
     extents: dict[int, tuple[float, float]]  # label -> middle_slice_extent: the reach's measurements
     gaps: dict[tuple[str, str], float]  # (label name, later label's) -> facing_gap_mm: the abutments' measurements
+    growth: dict[int, float]  # label -> learned_growth: the growth limit's measurements
 
 
 def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSamEngine, per_structure: int,
@@ -198,7 +199,8 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
     extents = {c: middle_slice_extent(case.masks[c], case.spacing_xyz) for c in present}
     geometry = _CaseGeometry(
         case.spacing_xyz, {c: e for c, e in extents.items() if e is not None and e[0] > 0},
-        pair_gaps({cfg.labels[c].name: case.masks[c] > 0 for c in present}, case.spacing_xyz[2]))
+        pair_gaps({cfg.labels[c].name: case.masks[c] > 0 for c in present}, case.spacing_xyz[2]),
+        {c: g for c in present if (g := learned_growth(case.masks[c] > 0)) is not None})
     rng = np.random.default_rng([cfg.seed, zlib.crc32(case.case_id.encode())])  # a case's draw ignores the others
     items = sample_items(case.case_id, case.masks, case.present, per_structure, cfg.data.min_pixels,
                          neighbour_fraction, rng, cfg.data.neighbour_distance)
@@ -251,6 +253,7 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
     encoded, t0, spacings = 0, time.monotonic(), []
     extents: dict[int, list[tuple[float, float]]] = {}
     gaps: dict[tuple[str, str], list[float]] = {}
+    growth: dict[int, list[float]] = {}
     for path in _progress(cfg, paths, f"caching {split} crops"):
         shard, n, geometry = _cache_case(path, out / "cache" / split / f"{path.stem}.pt", cfg, engine,
                                          per_structure, neighbour_fraction, base_sha)
@@ -260,6 +263,8 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
             extents.setdefault(c, []).append(e)
         for pair, g in geometry.gaps.items():
             gaps.setdefault(pair, []).append(g)
+        for c, g in geometry.growth.items():
+            growth.setdefault(c, []).append(g)
         items += [_item(d) for d in shard["items"]]
         embeddings.append(shard["embeddings"])
         targets.append(shard["targets"])
@@ -279,7 +284,9 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
              "reach_law": {cfg.labels[c].name: asdict(law) for c, (_, law) in learned.items() if law is not None},
              # where a structure ends beside another in every case give or take a slice (propagation's end there)
              "abuts": {name: {"label": _label_named(cfg, a.other), "gap_mm": a.gap_mm}
-                       for name, a in abutments.items()}}
+                       for name, a in abutments.items()},
+             # how much a structure grows from one slice to the next (propagation's leak guard allows it)
+             "growth": {cfg.labels[c].name: learn_growth(v) for c, v in sorted(growth.items())}}
     return data, stats
 
 
@@ -382,7 +389,8 @@ def _manifest_fields(cfg: FinetuneConfig, summary: dict[str, Any], metrics: dict
                     "fill_holes": lab.fill_holes, "mirror": lab.mirror,
                     "reach": summary["train"]["reach"].get(lab.name),
                     "reach_law": summary["train"].get("reach_law", {}).get(lab.name),
-                    "abuts": summary["train"].get("abuts", {}).get(lab.name)} for lab in cfg.labels],
+                    "abuts": summary["train"].get("abuts", {}).get(lab.name),
+                    "growth": summary["train"].get("growth", {}).get(lab.name)} for lab in cfg.labels],
         "training": summary,
         "metrics": metrics,
     }

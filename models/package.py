@@ -126,6 +126,12 @@ class LabelSpec(_Strict):
         None, description="Prompted engines: the reach fitted against the middle slice's size over the training "
         "contours (models.propagate.fit_reach_law); used instead of ``reach`` when present."
     )
+    growth: float | None = Field(
+        None, gt=0, description="Prompted engines: how much the structure's area grows from one slice to the next "
+        "going outward from its middle slice in the training contours (95th percentile over cases of each case's "
+        "largest step, models.propagate.learn_growth); propagation's leak guard stops its fronts only beyond the "
+        "larger of this and max_growth."
+    )
     abuts: AbutmentSpec | None = Field(
         None, description="Prompted engines: the structure this one ends beside in every training case, give or take "
         "a slice (models.propagate.fit_abutments); its seeded fronts end where that structure's extent says."

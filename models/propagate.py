@@ -10,7 +10,8 @@ pixels) resized to the engine's input. Head-and-neck organs at ~4 mm are a few d
 whole-slice view; the issue measured true-box Dice 0.52 whole-slice against 0.59 on such crops.
 
 A front stops when the mask vanishes, collapses (area below ``min_area_fraction`` of its seed's), jumps (grows
-more than ``max_growth`` x from one slice to the next, or no longer overlaps the previous slice), or reaches the
+more than ``max_growth`` x from one slice to the next, or what the package learned the structure grows,
+:func:`growth_for`; or no longer overlaps the previous slice), or reaches the
 extent bound (prior mode) or, beyond the outermost seeds, its *reach* (:func:`reach`: ``max_travel`` x the seed's
 equivalent diameter; for a structure the engine's package learned, ``reach_fraction`` x its learned reach instead,
 :func:`travel_for`: a spinal cord runs ~7.5 seed diameters each way from its middle, a larynx ~0.5; a package that
@@ -54,7 +55,7 @@ __all__ = [
     "equivalent_diameter_mm", "Seed", "StructureResult", "Decode", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
     "box_fill", "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach",
-    "travel_for",
+    "travel_for", "learned_growth", "learn_growth", "growth_for", "GROWTH_QUANTILE",
     "follows_anatomy", "within_reach", "plan_fronts", "propagate", "FOLLOW_ANATOMY", "REACH_FRACTION",
     "segment_slices", "reusable_window", "region_from_clicks", "interpolate_masks",
 ]
@@ -78,6 +79,10 @@ class PropagationSettings:
     box_margin: int = 1  # native pixels added around the neighbour's box: a tight box makes masks shrink
     min_area_fraction: float = 0.1  # stop below this fraction of the seed's area
     max_growth: float = 2.0  # stop when the area grows more than this from one slice to the next
+    use_learned_growth: bool = True  # with an engine that learned how much its structures grow from one slice to
+    # the next (a fine-tuned package's ``growth``), a known structure stops only beyond the larger of that and
+    # max_growth: a horseshoe mandible's area doubles where the rami meet the body (a quarter of OpenKBP's train
+    # mandibles), and a decoder that drew it stopped there (growth_for)
     max_travel: float | None = 1.0  # outward fronts go at most this x the seed's equivalent diameter (see reach)
     reach_fraction: float | None = REACH_FRACTION  # with an engine that learned its structures' reach (a fine-
     # tuned package): a known structure's front goes this x its learned reach instead of max_travel; None: never
@@ -266,14 +271,16 @@ def anatomy_shift(image: np.ndarray, z_from: int, z_to: int, window: CropWindow,
     return float(dx), float(dy)
 
 
-def stop_reason(new: np.ndarray, previous: np.ndarray, seed_area: float, s: PropagationSettings) -> str | None:
-    """Why a front should stop at ``new`` (vanished, collapsed, jumped), or None to go on."""
+def stop_reason(new: np.ndarray, previous: np.ndarray, seed_area: float, s: PropagationSettings,
+                max_growth: float | None = None) -> str | None:
+    """Why a front should stop at ``new`` (vanished, collapsed, jumped), or None to go on. ``max_growth``: the
+    structure's own limit (:func:`growth_for`) instead of the settings'."""
     area, prev_area = int(new.sum()), int(previous.sum())
     if area < s.min_pixels:
         return "vanished"
     if area < s.min_area_fraction * seed_area:
         return "collapsed"
-    if area > s.max_growth * max(prev_area, 4):
+    if area > (max_growth or s.max_growth) * max(prev_area, 4):
         return "jumped: area grew %.1fx" % (area / max(prev_area, 1))
     if (new & previous).sum() < s.min_overlap * min(area, prev_area):
         return "jumped: left the previous slice's mask"
@@ -321,6 +328,7 @@ class _Front:
     logits: np.ndarray  # native logits of ``mask``
     stride: int = 1  # slices per decode (slice_step, or long_slice_step for a long structure)
     refine: bool = False  # decode each new slice again with its own mask's box (a seed that fills its box badly)
+    max_growth: float | None = None  # the structure's growth limit (growth_for); None: the settings'
     z: int = 0
     stop: str | None = None
 
@@ -412,6 +420,39 @@ def learn_reach(extents: Sequence[tuple[float, float]]) -> tuple[float, ReachLaw
     non-empty list): the median :func:`learned_reach` (in middle-slice diameters, rounded as stored) and, with
     enough cases, its :class:`ReachLaw`."""
     return round(float(np.median([h / d for d, h in extents])), 3), fit_reach_law(extents)
+
+
+GROWTH_QUANTILE = 95  # of the training cases' largest growth: a package's ``growth`` for a structure
+
+
+def learned_growth(mask: np.ndarray) -> float | None:
+    """The largest factor by which a structure's (3-D mask) area grows from one slice to the next going outward
+    from its middle slice, as a seeded front meets it (the previous area at least 4 pixels, as in
+    :func:`stop_reason`); None when it spans fewer than two slices."""
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1).astype(float)
+    zs = np.flatnonzero(areas)
+    if zs.size == 0 or zs[-1] == zs[0]:
+        return None
+    areas = areas[zs[0]:zs[-1] + 1]
+    middle = int(np.argmin(np.abs(np.arange(len(areas)) - (len(areas) - 1) / 2.0)))
+    up = areas[middle + 1:] / np.maximum(areas[middle:-1], 4)
+    down = areas[:middle][::-1] / np.maximum(areas[1:middle + 1][::-1], 4)
+    return float(np.concatenate([up, down]).max())
+
+
+def learn_growth(values: Sequence[float]) -> float:
+    """What a package learns of one structure's growth from its training cases' :func:`learned_growth` values (a
+    non-empty list): their :data:`GROWTH_QUANTILE` th percentile, rounded as stored."""
+    return round(float(np.percentile(values, GROWTH_QUANTILE)), 2)
+
+
+def growth_for(name: str, engine: object, settings: PropagationSettings) -> float:
+    """The growth from one slice to the next that stops structure ``name``'s fronts: the larger of ``max_growth``
+    and what the engine learned of it (``structure_growth``, by lower-cased name) when ``use_learned_growth``. Only
+    ever looser than max_growth: a structure that grows less keeps the leak guard it had."""
+    learned = (getattr(engine, "structure_growth", None) or {}).get(name.lower()) if settings.use_learned_growth \
+        else None
+    return settings.max_growth if learned is None else max(settings.max_growth, learned)
 
 
 @dataclass(frozen=True)
@@ -778,6 +819,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
         return engine.propagate_volume(image, seeds, s)
     cache = cache if cache is not None else EncodingCache()
     follow = frozenset(key for key in seeds if follows_anatomy(key, engine, s))
+    growth = {key: growth_for(key, engine, s) for key in seeds}
     seeds = {key: _with_click_masks(engine, image, seed, s, cache) for key, seed in seeds.items()}
     results: dict[str, StructureResult] = {}
     fronts: list[_Front] = []
@@ -794,14 +836,14 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
             m = mask[start]
             stride = s.long_slice_step if key in follow and s.long_slice_step is not None else s.slice_step
             fronts.append(_Front(key, start, step, last, float(m.sum()), m, _seed_logits(m), stride,
-                                 refine=box_fill(m) < s.poor_fill))
+                                 refine=box_fill(m) < s.poor_fill, max_growth=growth[key]))
     active = [f for f in fronts if f.z != f.last]
     while active:
         jumps = [min(_to_grid(f.z, f.step, f.stride), abs(f.last - f.z)) for f in active]
         retry: list[_Front] = []
         decoded = _decode_step(engine, image, active, jumps, seeds, s, cache, follow, on_decode)
         for f, k, (new, native) in zip(active, jumps, decoded):
-            reason = stop_reason(new, f.mask, f.seed_area, s)
+            reason = stop_reason(new, f.mask, f.seed_area, s, f.max_growth)
             if reason is None:
                 _advance(f, k, new, native, results[f.key].mask)
             elif k > 1:  # the jump failed: the next slice alone decides whether the front ends here
@@ -811,7 +853,7 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
         retried = (_decode_step(engine, image, retry, [1] * len(retry), seeds, s, cache, follow, on_decode)
                    if retry else [])
         for f, (new, native) in zip(retry, retried):
-            reason = stop_reason(new, f.mask, f.seed_area, s)
+            reason = stop_reason(new, f.mask, f.seed_area, s, f.max_growth)
             if reason is None:
                 _advance(f, 1, new, native, results[f.key].mask)
             else:

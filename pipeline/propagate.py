@@ -60,6 +60,11 @@ class PropagateParams(PipelineParams):
     max_growth: float = Field(
         DEFAULTS.max_growth, gt=1, description="Stop a direction when the area grows more than this factor from "
         "one slice to the next (leak into a neighbour).")
+    learned_growth: bool = Field(
+        DEFAULTS.use_learned_growth, description="With a fine-tuned package that learned how much its structures' "
+        "area grows from one slice to the next in its training contours (its labels' growth: a horseshoe mandible "
+        "doubles where the rami meet the body), a structure it knows stops only beyond the larger of that and "
+        "max_growth; false: max_growth for every structure.")
     max_travel: float | None = Field(
         DEFAULTS.max_travel, gt=0, description="source: seed: beyond the outermost seed slice, stop after this many "
         "times the seed's equivalent diameter (a size prior: past a structure's end the engine keeps finding "
@@ -131,7 +136,8 @@ class PropagatePipeline:
             PropagateParams.model_validate(data.params.model_dump())
         if p.source == "prior":
             return run_prior(data, load_engine(p.engine, p.checkpoint), PropagationSettings(
-                min_area_fraction=p.min_area_fraction, max_growth=p.max_growth, slice_step=p.slice_step,
+                min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
+                use_learned_growth=p.learned_growth, slice_step=p.slice_step,
                 long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse, follow_anatomy=p.follow_anatomy,
                 refine=p.refine),
                 structures=p.structures,
@@ -147,6 +153,7 @@ class PropagatePipeline:
             raise SeedError(f"the {len(data.structure_sets)} structure set(s) of this series hold no contoured ROI")
         engine = load_engine(p.engine, p.checkpoint)
         settings = PropagationSettings(min_area_fraction=p.min_area_fraction, max_growth=p.max_growth,
+                                       use_learned_growth=p.learned_growth,
                                        max_travel=p.max_travel, reach_fraction=p.reach_fraction,
                                        follow_anatomy=p.follow_anatomy, slice_step=p.slice_step,
                                        long_slice_step=p.long_slice_step, crop_reuse=p.crop_reuse,

@@ -94,6 +94,31 @@ def test_the_package_records_how_far_each_structure_reaches_and_the_engine_uses_
     assert "reach_law" in manifest.training["train"]
 
 
+def test_the_package_records_how_much_each_structure_grows_and_the_engine_uses_it(run):
+    """Each label's growth is the 95th percentile over the training cases of learned_growth, recomputed from their
+    masks; the engine's leak guard for that structure (growth_for), by every name, is never below max_growth."""
+    from config.finetune import load_finetune_config
+    from models.data import LabelSource, read_npz
+    from models.propagate import growth_for, learned_growth
+    from models.train import run_case_paths
+
+    tmp, _ = run
+    manifest = load_package(tmp / "run" / "package" / "hn-litemedsam").manifest
+    cfg = load_finetune_config(_config(tmp, 5))
+    train_paths, _ = run_case_paths(cfg.data)
+    labels = [LabelSource(lab["name"], tuple(lab["source_names"])) for lab in LABELS]
+    cases = [read_npz(p, labels) for p in train_paths]
+    for c, label in enumerate(manifest.labels):
+        expected = np.percentile([learned_growth(k.masks[c] > 0) for k in cases if k.present[c]], 95)
+        assert label.growth == pytest.approx(expected, abs=5e-3) and label.growth > 1
+    assert manifest.training["train"]["growth"] == {lab.name: lab.growth for lab in manifest.labels}
+    engine = load_engine("litemedsam", str(tmp / "run" / "package" / "hn-litemedsam"))
+    loose = PropagationSettings(max_growth=1.01)  # below any structure's growth: the learned one shows
+    assert growth_for("RightParotid", engine, loose) == growth_for("Parotid_R", engine, loose) == \
+        manifest.labels[0].growth
+    assert growth_for("Parotid_R", engine, PropagationSettings(max_growth=1.01, use_learned_growth=False)) == 1.01
+
+
 def test_a_package_with_a_reach_law_bounds_its_structure_by_it(run, tmp_path):
     """... a package whose manifest has one (as the shipped hn-litemedsam) hands it to the engine, by every name."""
     from models.package import ReachLawSpec

@@ -13,7 +13,7 @@ from models.propagate import (
     interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach,
     region_from_clicks, stop_reason, travel_for, within_reach, learned_reach, anatomy_shift, follows_anatomy,
     Abutment, abut, abutments_for, box_fill, facing_gap_mm, fit_abutments,
-    ReachLaw, fit_reach_law, middle_slice_extent, MIN_LAW_CASES,
+    ReachLaw, fit_reach_law, middle_slice_extent, MIN_LAW_CASES, learned_growth, learn_growth, growth_for,
 )
 from pipeline_checks import dice
 
@@ -109,6 +109,29 @@ def test_stop_criteria():
     moved = np.zeros_like(prev)
     moved[12:17, 12:17] = True
     assert stop_reason(moved, prev, 25, SETTINGS) == "jumped: left the previous slice's mask"
+
+    assert stop_reason(leak, prev, 25, SETTINGS, max_growth=4.5) is None  # a structure's own limit (growth_for)
+
+
+def test_a_structure_learns_how_much_it_grows_outward_from_its_middle():
+    mask = np.zeros((7, 20, 20), bool)
+    for z, side in zip(range(1, 6), (2, 6, 5, 5, 10)):  # areas 4, 36, 25 (middle), 25, 100
+        mask[z, :side, :side] = True
+    assert learned_growth(mask) == 4.0  # 25 -> 100 going up; going down 25 -> 36 and 36 -> 4
+    assert learned_growth(mask[:3]) == 36 / 4  # two slices: the lower is the middle (as a seed's is chosen)
+    assert learned_growth(mask[:2]) is None and learned_growth(np.zeros_like(mask)) is None
+    assert learn_growth([1.0] * 19 + [9.0]) == 1.4  # the 95th percentile: one odd case of 20 counts little
+
+
+def test_a_structure_the_engine_learned_to_grow_stops_only_beyond_that():
+    class Learned:
+        structure_growth = {"bone_mandible": 2.6, "brainstem": 1.6}
+
+    assert growth_for("Bone_Mandible", Learned(), SETTINGS) == 2.6
+    assert growth_for("Brainstem", Learned(), SETTINGS) == 2.0  # never tighter than max_growth
+    assert growth_for("Tumour", Learned(), SETTINGS) == 2.0 and growth_for("Bone_Mandible", object(), SETTINGS) == 2.0
+    assert growth_for("Bone_Mandible", Learned(), PropagationSettings(use_learned_growth=False)) == 2.0
+    assert growth_for("Bone_Mandible", Learned(), PropagationSettings(max_growth=3.0)) == 3.0
 
 
 def test_stray_blobs_are_dropped():
