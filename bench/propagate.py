@@ -1,7 +1,7 @@
 """Propagation quality and speed on OpenKBP head-and-neck CT (zero-shot LiteMedSAM unless --checkpoint).
 
     nice -n 19 .venv/bin/python bench/propagate.py [--split validation] [--patients 0 1 2] [--threads 1]
-        [--modes truebox seed1 seed3] [--set key=value ...]
+        [--modes truebox seed1 seed3] [--set key=value ...] [--organs Mandible ...]
 
 For each patient and each of the seven organs the planner's seed is simulated from the clinical contour:
 ``seed1`` keeps the middle slice of the organ's z extent, ``seed3`` the slices at 1/4, 1/2 and 3/4 of it. The seeds
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint", default=None, help="fine-tuned model package (name or folder)")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[])
+    parser.add_argument("--organs", nargs="+", default=list(ORGANS), choices=ORGANS,
+                        help="only these organs (seconds per case then count only theirs)")
     args = parser.parse_args()
 
     import torch
@@ -102,14 +104,14 @@ def main() -> None:
     paths = sorted((OPENKBP / args.split).glob("*.npz"))
     print(f"engine {engine.name} {engine.version}; torch threads {torch.get_num_threads()}; "
           f"load average at start {os.getloadavg()[0]:.1f}; split {args.split}; settings {settings}")
-    scores: dict[str, dict[str, list[float]]] = {m: {o: [] for o in ORGANS} for m in args.modes}
+    scores: dict[str, dict[str, list[float]]] = {m: {o: [] for o in args.organs} for m in args.modes}
     seconds: dict[str, list[float]] = {m: [] for m in args.modes}
     for mode in args.modes:  # modes outermost: a run cut short still has whole rows for the first modes
         for index in args.patients:
             with np.load(paths[index]) as data:
                 ct = data["ct"].astype(np.float32)
                 spacing_xyz = tuple(float(v) for v in data["spacing"][::-1])
-                masks = {o: data[f"mask_{o}"].astype(bool) for o in ORGANS
+                masks = {o: data[f"mask_{o}"].astype(bool) for o in args.organs
                          if f"mask_{o}" in data.files and data[f"mask_{o}"].any()}
             found, took, encodings = run_mode(mode, engine, ct, masks, settings, spacing_xyz)
             seconds[mode].append(took)
@@ -119,7 +121,7 @@ def main() -> None:
                   + " ".join(f"{o[:6]}={v:.2f}" for o, v in found.items()), flush=True)
     print(f"\nmean Dice over {len(args.patients)} {args.split} patients (n = cases with that organ)")
     print(f"{'organ':14s}" + "".join(f"{m:>14s}" for m in args.modes))
-    for organ in ORGANS:
+    for organ in args.organs:
         cells = [f"{np.mean(v):.3f} (n={len(v)})" if (v := scores[m][organ]) else "-" for m in args.modes]
         print(f"{organ:14s}" + "".join(f"{c:>14s}" for c in cells))
     means = [np.mean([np.mean(v) for v in scores[m].values() if v]) for m in args.modes]

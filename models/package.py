@@ -128,8 +128,8 @@ class LabelSpec(_Strict):
     )
     growth: float | None = Field(
         None, gt=0, description="Prompted engines: how much the structure's area grows from one slice to the next "
-        "going outward from its middle slice in the training contours (95th percentile over cases of each case's "
-        "largest step, models.propagate.learn_growth); propagation's leak guard stops its fronts only beyond the "
+        "going outward from its middle slice in the training contours (the largest step over the training cases, "
+        "models.propagate.learn_growth); propagation's leak guard stops its fronts only beyond the "
         "larger of this and max_growth."
     )
     abuts: AbutmentSpec | None = Field(
