@@ -1,7 +1,7 @@
 """Propagation quality and speed on OpenKBP head-and-neck CT (zero-shot LiteMedSAM unless --checkpoint).
 
     nice -n 19 .venv/bin/python bench/propagate.py [--split validation] [--patients 0 1 2] [--threads 1]
-        [--modes truebox seed1 seed3] [--set key=value ...] [--organs Mandible ...]
+        [--modes truebox seed1 seed3] [--set key=value ...] [--organs Mandible ...] [--stops]
 
 For each patient and each of the seven organs the planner's seed is simulated from the clinical contour:
 ``seed1`` keeps the middle slice of the organ's z extent, ``seed3`` the slices at 1/4, 1/2 and 3/4 of it. The seeds
@@ -12,12 +12,15 @@ issue quotes: every slice prompted with its own true box on a zoomed crop, no pr
 Seconds per case = wall clock of one mode over the seven organs of one patient (encodings are not shared between
 modes; each mode starts with an empty cache). Figures depend on the machine's load: the script prints the torch
 thread count and the load average. ``--set`` overrides PropagationSettings fields (tuning: use --split train).
+``--stops`` tabulates where the outward fronts ended against the clinical ends, by the reason they gave (reached
+their bound, jumped, collapsed, vanished): a guard that stops fronts early shows there.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from dataclasses import fields, replace
@@ -46,20 +49,39 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+STOP = re.compile(r"(up|down) from (\d+): (\w+).*?(\d+)$")  # StructureResult.stops: "up from 95: reached slice 110"
+
+
+def stop_offsets(stops: list[str], truth: np.ndarray, seeded: list[int]) -> list[tuple[str, int]]:
+    """(reason's first word, slices short of the clinical end: > 0 stopped early) of each outward front (from the
+    outermost of the ``seeded`` slices; fronts between seeds end in the middle of their gap)."""
+    zs = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
+    out = []
+    for text in stops:
+        m = STOP.match(text)
+        if m and int(m.group(2)) == (max(seeded) if m.group(1) == "up" else min(seeded)):
+            z = int(m.group(4))
+            out.append((m.group(3), int(zs[-1] - z if m.group(1) == "up" else z - zs[0])))
+    return out
+
+
 def run_mode(mode: str, engine, ct: np.ndarray, masks: dict[str, np.ndarray], settings,
-             spacing_xyz=None) -> tuple[dict, float, int]:
+             spacing_xyz=None) -> tuple[dict, float, int, dict]:
     from models.propagate import EncodingCache, Seed, propagate, segment_slices
 
     cache = EncodingCache(capacity=512)
     started = time.perf_counter()
+    stops: dict[str, list[tuple[str, int]]] = {}
     if mode == "truebox":
         found = {k: segment_slices(engine, ct, m, settings, cache) for k, m in masks.items()}
     else:
         count = int(mode.removeprefix("seed"))
         seeds = {k: Seed({z: m[z] for z in seed_slices(m, count)}) for k, m in masks.items()}
-        found = {k: r.mask for k, r in propagate(engine, ct, seeds, settings, cache, spacing_xyz).items()}
+        results = propagate(engine, ct, seeds, settings, cache, spacing_xyz)
+        found = {k: r.mask for k, r in results.items()}
+        stops = {k: stop_offsets(r.stops, masks[k], list(seeds[k].masks)) for k, r in results.items()}
     seconds = time.perf_counter() - started
-    return {k: dice(found[k], masks[k]) for k in masks}, seconds, cache.misses
+    return {k: dice(found[k], masks[k]) for k in masks}, seconds, cache.misses, stops
 
 
 def parse_overrides(items: list[str], settings):
@@ -91,6 +113,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", nargs="*", default=[])
     parser.add_argument("--organs", nargs="+", default=list(ORGANS), choices=ORGANS,
                         help="only these organs (seconds per case then count only theirs)")
+    parser.add_argument("--stops", action="store_true",
+                        help="also tabulate where seed-mode fronts ended against the clinical ends, by reason")
     args = parser.parse_args()
 
     import torch
@@ -106,6 +130,7 @@ def main() -> None:
           f"load average at start {os.getloadavg()[0]:.1f}; split {args.split}; settings {settings}")
     scores: dict[str, dict[str, list[float]]] = {m: {o: [] for o in args.organs} for m in args.modes}
     seconds: dict[str, list[float]] = {m: [] for m in args.modes}
+    ends: dict[tuple[str, str, str], list[int]] = {}  # (mode, organ, reason) -> slices short of the clinical end
     for mode in args.modes:  # modes outermost: a run cut short still has whole rows for the first modes
         for index in args.patients:
             with np.load(paths[index]) as data:
@@ -113,7 +138,10 @@ def main() -> None:
                 spacing_xyz = tuple(float(v) for v in data["spacing"][::-1])
                 masks = {o: data[f"mask_{o}"].astype(bool) for o in args.organs
                          if f"mask_{o}" in data.files and data[f"mask_{o}"].any()}
-            found, took, encodings = run_mode(mode, engine, ct, masks, settings, spacing_xyz)
+            found, took, encodings, stops = run_mode(mode, engine, ct, masks, settings, spacing_xyz)
+            for organ, offsets in stops.items():
+                for reason, short in offsets:
+                    ends.setdefault((mode, organ, reason), []).append(short)
             seconds[mode].append(took)
             for organ, value in found.items():
                 scores[mode][organ].append(value)
@@ -128,6 +156,12 @@ def main() -> None:
     print(f"{'mean of organs':14s}" + "".join(f"{v:14.3f}" for v in means))
     print(f"{'s per case':14s}" + "".join(f"{np.mean(seconds[m]):14.1f}" for m in args.modes))
     print(f"(torch threads {torch.get_num_threads()}; load average at end {os.getloadavg()[0]:.1f})")
+    if args.stops:
+        print("\nwhere fronts ended: slices short of the clinical end (> 0: early), by mode, organ and reason")
+        for (mode, organ, reason), short in sorted(ends.items()):
+            v = np.array(short)
+            print(f"{mode:8s} {organ:14s} {reason:10s} fronts {len(v):3d}  median {np.median(v):5.1f}  "
+                  f"over 2 early {(v > 2).sum():3d}  over 2 late {(v < -2).sum():3d}")
 
 
 if __name__ == "__main__":
