@@ -74,6 +74,10 @@ def collect_case(path: Path, shard: Path, checkpoint: str, threads: int) -> str:
     return f"{path.stem}: {len(kept)} decodes ({empty} past the organ), {time.perf_counter() - started:.0f} s"
 
 
+def _collect(job: tuple) -> str:
+    return collect_case(*job)
+
+
 def read_items(shards: list[Path]):
     """(label, window, input box) per item, embeddings, crop targets and native slices of on-policy shards."""
     import torch
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    parser.add_argument("--collect-only", action="store_true", help="stop after collecting (a rerun without it "
+                        "reuses the collected decodes and trains)")
     args = parser.parse_args()
 
     paths = sorted(OPENKBP.glob("*.npz"))
@@ -141,11 +147,13 @@ def main() -> None:
     jobs = [(p, folder / f"{p.stem}.pt", args.checkpoint, 1 if args.workers > 1 else args.threads) for p in todo]
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers) as pool:
-            for line in pool.starmap(collect_case, jobs):
+            for line in pool.imap_unordered(_collect, jobs):
                 print(line, flush=True)
     else:
         for job in jobs:
             print(collect_case(*job), flush=True)
+    if args.collect_only:
+        return
 
     import torch
 
