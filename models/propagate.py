@@ -10,8 +10,8 @@ pixels) resized to the engine's input. Head-and-neck organs at ~4 mm are a few d
 whole-slice view; the issue measured true-box Dice 0.52 whole-slice against 0.59 on such crops.
 
 A front stops when the mask vanishes, collapses (area below ``min_area_fraction`` of its seed's), jumps (grows
-more than ``max_growth`` x from one slice to the next, or what the package learned the structure grows,
-:func:`growth_for`; or no longer overlaps the previous slice), or reaches the
+from one slice to the next more than ``max_growth`` x, or than the package learned the structure grows where that
+is more, :func:`growth_for`; or no longer overlaps the previous slice), or reaches the
 extent bound (prior mode) or, beyond the outermost seeds, its *reach* (:func:`reach`: ``max_travel`` x the seed's
 equivalent diameter; for a structure the engine's package learned, ``reach_fraction`` x its learned reach instead,
 :func:`travel_for`: a spinal cord runs ~7.5 seed diameters each way from its middle, a larynx ~0.5; a package that
