@@ -5,9 +5,9 @@ a neighbour. A quarter of OpenKBP's train mandibles grow more than that where th
 decoder that draws the body there was stopped on the spot (hn-litemedsam 1.5.0: OpenKBP train mandibles 41, 115
 and 169 kept 0.29-0.36 Dice, "jumped: area grew 2.2-2.7x"). Packages now record each label's ``growth``
 (models.propagate.learned_growth over the training contours, the largest: learn_growth) and fronts allow the
-larger of that and max_growth. Packages
-trained before that lack it; this script measures it on the package's training cases (OpenKBP train, all of
-them, as hn-litemedsam's fine-tuning used) and writes a copy with the growth, the weights untouched:
+larger of that and max_growth. Packages trained before that lack it; this script measures it on the package's
+training cases (OpenKBP train, all of them, as hn-litemedsam's fine-tuning used) and writes a copy with the
+growth, the weights untouched:
 
     python bench/learn_growth.py --from models/zoo/hn-litemedsam --version 1.5.1 --out runs/growth
 """

@@ -55,7 +55,7 @@ __all__ = [
     "equivalent_diameter_mm", "Seed", "StructureResult", "Decode", "EncodingCache",
     "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
     "box_fill", "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach",
-    "travel_for", "learned_growth", "learn_growth", "growth_for", "GROWTH_QUANTILE",
+    "travel_for", "learned_growth", "learn_growth", "growth_for",
     "follows_anatomy", "within_reach", "plan_fronts", "propagate", "FOLLOW_ANATOMY", "REACH_FRACTION",
     "segment_slices", "reusable_window", "region_from_clicks", "interpolate_masks",
 ]
@@ -422,12 +422,6 @@ def learn_reach(extents: Sequence[tuple[float, float]]) -> tuple[float, ReachLaw
     return round(float(np.median([h / d for d, h in extents])), 3), fit_reach_law(extents)
 
 
-GROWTH_QUANTILE = 100  # of the training cases' largest growth: a package's ``growth`` for a structure. The
-# largest, because decoded masks grow more unevenly than contours do: on 30 OpenKBP train mandibles (1.5.0, none
-# of its on-policy cases) a limit of 2 (max_growth) gave 0.719 mean Dice, the 95th percentile (2.61) 0.742, 3.0
-# 0.758, 4.0 0.770 (the largest is 4.46); on bench/propagate.py's seven train patients it changed nothing else
-
-
 def learned_growth(mask: np.ndarray) -> float | None:
     """The largest factor by which a structure's (3-D mask) area grows from one slice to the next going outward
     from its middle slice, as a seeded front meets it (the previous area at least 4 pixels, as in
@@ -445,8 +439,11 @@ def learned_growth(mask: np.ndarray) -> float | None:
 
 def learn_growth(values: Sequence[float]) -> float:
     """What a package learns of one structure's growth from its training cases' :func:`learned_growth` values (a
-    non-empty list): their :data:`GROWTH_QUANTILE` th percentile (the largest), rounded as stored."""
-    return round(float(np.percentile(values, GROWTH_QUANTILE)), 2)
+    non-empty list): the largest, rounded as stored. Not a percentile: decoded masks grow more unevenly than
+    contours, and on 30 OpenKBP train mandibles (1.5.0, none of its on-policy cases) a limit of 2 (max_growth) gave
+    0.719 mean Dice, the 95th percentile (2.61) 0.742, 3.0 0.758, 4.0 0.770 (the largest is 4.46); on
+    bench/propagate.py's seven train patients the largest changed nothing else."""
+    return round(float(max(values)), 2)
 
 
 def growth_for(name: str, engine: object, settings: PropagationSettings) -> float:
