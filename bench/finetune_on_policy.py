@@ -128,7 +128,7 @@ def main() -> None:
           f"{scores['before']['val']['mean']}", flush=True)
     started = time.perf_counter()
     losses = train_pass(net, params, decodes, crops, prompts, OnPolicy(epochs=args.epochs, lr=args.lr),
-                        batch_size=8, weight_decay=0.01, dice_weight=1.0, seed=0, device="cpu")
+                        batch_size=8, dice_weight=1.0, seed=0, device="cpu")
     scores["after"] = {"held": decode_dice(net, held_decodes), "val": validate(net, val, names, 0.15, "cpu")}
     print(f"after: held on-policy decode Dice {scores['after']['held']:.3f}; validation slices "
           f"{scores['after']['val']['mean']}", flush=True)

@@ -71,17 +71,23 @@ class OnPolicy(_Strict):
                         "propagation per case (~90 s with one CPU thread) and one training pass.")
     cases: int = Field(64, ge=1, description="Training cases propagated per round, drawn at random (seed), the same "
                        "ones every round.")
+    case_names: list[str] | None = Field(
+        None, description="The training cases to propagate, by file name without .npz (instead of 'cases' drawn "
+        "at random), e.g. to repeat a shipped run.")
     hold: int = Field(6, ge=0, description="Of those, the first (by name) are not trained on: their decode Dice "
                       "before and after each round is recorded as a check.")
     epochs: float = Field(1.0, gt=0, le=20, description="Passes over decodes and supervised crops per round.")
     lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate of a round (cosine decay to zero).")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay of a round.")
     workers: int = Field(1, ge=1, le=64, description="Cases propagated in parallel, one torch thread each (1: in "
                          "this process with 'threads').")
 
     @model_validator(mode="after")
     def _some_trained(self) -> "OnPolicy":
-        if self.rounds and self.hold >= self.cases:
-            raise ValueError(f"hold ({self.hold}) must be below cases ({self.cases}): nothing would be trained on")
+        count = len(self.case_names) if self.case_names is not None else self.cases
+        if self.rounds and self.hold >= count:
+            raise ValueError(f"hold ({self.hold}) must be below the number of cases ({count}): nothing would be "
+                             "trained on")
         return self
 
 

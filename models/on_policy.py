@@ -31,6 +31,7 @@ import torch
 
 from config.finetune import FinetuneConfig, OnPolicy, PromptMix
 from models.data import KeyMap, LabelSource, read_npz
+from models.errors import TrainingError
 from models.evaluate_propagation import seed_slices
 from models.finetune import (_freeze_all_but, _keymap, _labels, _prompt_kinds, _Split, _tuned_state, decode_logits,
                              item_box, item_target, native_dice, segmentation_loss, unpack_native, validate)
@@ -130,15 +131,15 @@ def decode_dice(net: torch.nn.Module, decodes: Decodes, device: str = "cpu", bat
 
 
 def train_pass(net: torch.nn.Module, params: Sequence[torch.nn.Parameter], decodes: Decodes, crops: _Split,
-               prompts: PromptMix, settings: OnPolicy, *, batch_size: int, weight_decay: float, dice_weight: float,
-               seed: int, device: str) -> list[float]:
+               prompts: PromptMix, settings: OnPolicy, *, batch_size: int, dice_weight: float, seed: int,
+               device: str) -> list[float]:
     """Train ``params`` on the decodes (prompted with the box the front gave) and the supervised crops (prompted as
     supervised training prompts them), shuffled together, for ``settings.epochs`` passes; returns the losses."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     n_dec, per_epoch = len(decodes), len(decodes) + len(crops)
     total = max(1, int(settings.epochs * per_epoch / batch_size))
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     order = np.concatenate([rng.permutation(per_epoch) for _ in range(math.ceil(settings.epochs) + 1)])
     losses: list[float] = []
@@ -210,7 +211,13 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
     the last round's package, also copied to ``out/package/<name>``. A round whose package was made from the
     current base weights is reused; one made from other weights is redone, its decodes too."""
     settings, names = cfg.on_policy, [lab.name for lab in cfg.labels]
-    chosen = choose_cases(train_paths, settings.cases, cfg.seed)
+    if settings.case_names is None:
+        chosen = choose_cases(train_paths, settings.cases, cfg.seed)
+    else:
+        by_name = {p.stem: p for p in train_paths}
+        if missing := sorted(set(settings.case_names) - set(by_name)):
+            raise TrainingError(f"on_policy.case_names: {missing} are not among the training cases")
+        chosen = sorted((by_name[n] for n in set(settings.case_names)), key=lambda p: p.name)
     held, used = chosen[:settings.hold], chosen[settings.hold:]
     base = supervised
     for r in range(1, settings.rounds + 1):
@@ -252,7 +259,7 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
                  len(held_decodes), len(held), len(crops))
         started = time.monotonic()
         losses = train_pass(net, params, decodes, crops, cfg.prompts, settings, batch_size=cfg.batch_size,
-                            weight_decay=cfg.weight_decay, dice_weight=cfg.dice_weight, seed=cfg.seed + r,
+                            dice_weight=cfg.dice_weight, seed=cfg.seed + r,
                             device=device)
         scores["after"] = {"held": decode_dice(net, held_decodes, device),
                            "val": validate(net, val, names, cfg.prompts.box_jitter, device)}
@@ -262,7 +269,8 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
         record = {"round": r, "from": f"{base.manifest.name} {base.manifest.version}",
                   "base_sha256": _weights_sha(base), "cases": [p.stem for p in used],
                   "held_cases": [p.stem for p in held], "decodes": len(decodes), "supervised_crops": len(crops),
-                  "epochs": settings.epochs, "lr": settings.lr, "final_loss": float(np.mean(losses[-50:])),
+                  "epochs": settings.epochs, "lr": settings.lr,
+                  "weight_decay": settings.weight_decay, "final_loss": float(np.mean(losses[-50:])),
                   "seconds": round(time.monotonic() - started, 1)}
         base = round_package(base, target, _tuned_state(net, cfg.train_parts), record, scores,
                              cfg.package.version, cfg.package.weights_dtype)

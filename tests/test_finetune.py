@@ -284,6 +284,10 @@ def test_an_on_policy_round_trains_on_the_boxes_its_fronts_gave_and_ships_the_la
     assert load_package(out / "package" / "hn-litemedsam").manifest.training["on_policy"][-1]["base_sha256"] == base
     assert [p.stat().st_mtime_ns for p in shards] != stamps[:-1]
 
+    unknown = _config(tmp_path, 5, on_policy={"rounds": 1, "case_names": ["train_pt_9999", names[0]], "hold": 1})
+    refused = CliRunner().invoke(app, ["finetune", "--config", str(unknown), "--no-progress"])
+    assert refused.exit_code == 1 and "on_policy.case_names: ['train_pt_9999'] are not among" in refused.output
+
 
 def test_training_crops_are_the_crops_propagation_decodes():
     """A crop on a slice's own box is the true-box/seed crop; one on the neighbour's box is the crop propagation
@@ -338,3 +342,7 @@ def test_a_bad_finetune_config_names_the_key(tmp_path):
     result = CliRunner().invoke(app, ["finetune", "--config", str(path)])
     assert result.exit_code == 1
     assert "train_parts" in result.output
+    path = _config(tmp_path, 1, on_policy={"rounds": 1, "cases": 4, "hold": 4})
+    result = CliRunner().invoke(app, ["finetune", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "on_policy: Value error, hold (4) must be below the number of cases (4)" in result.output
