@@ -77,6 +77,7 @@ def main() -> None:
         order = [i for i in range(len(paths)) if i not in set(args.exclude)]
         np.random.default_rng(23).shuffle(order)
         chosen = [paths[i] for i in order[:args.count]]
+    from models.data import KeyMap
     from models.evaluate_propagation import HN_ORGANS
     from models.on_policy import collect_case
 
@@ -84,8 +85,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     todo = [p for p in chosen if not (folder / f"{p.stem}.pt").is_file()]
     print(f"collecting {len(todo)} of {len(chosen)} cases with {args.checkpoint}", flush=True)
-    jobs = [(p, folder / f"{p.stem}.pt", args.checkpoint, HN_ORGANS, None, 1 if args.workers > 1 else args.threads)
-            for p in todo]
+    threads = 1 if args.workers > 1 else args.threads
+    jobs = [(p, folder / f"{p.stem}.pt", args.checkpoint, HN_ORGANS, KeyMap(), threads) for p in todo]
     if args.workers > 1:
         from models.on_policy import _collect
 
@@ -139,8 +140,9 @@ def main() -> None:
               "supervised_crops": len(crops), "epochs": args.epochs, "lr": args.lr,
               "final_loss": float(np.mean(losses[-50:])), "script": "bench/finetune_on_policy.py",
               "seconds": round(time.perf_counter() - started, 1)}
-    package = round_package(base, args.out / "package" / base.manifest.name, _tuned_state(net, ["prompt_encoder", "mask_decoder"]),
-                            record, scores, args.version, "float32")
+    state = _tuned_state(net, ["prompt_encoder", "mask_decoder"])
+    package = round_package(base, args.out / "package" / base.manifest.name, state, record, scores, args.version,
+                            "float32")
     print(f"wrote {package.path} ({record['seconds']:.0f} s of training)")
 
 

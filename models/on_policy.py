@@ -64,7 +64,7 @@ def choose_cases(paths: Sequence[Path], count: int, seed: int) -> list[Path]:
     return sorted((paths[i] for i in order), key=lambda p: p.name)
 
 
-def collect_case(path: Path, shard: Path, package: str, labels: Sequence[LabelSource], keymap: KeyMap | None,
+def collect_case(path: Path, shard: Path, package: str, labels: Sequence[LabelSource], keymap: KeyMap = KeyMap(),
                  threads: int | None = None) -> str:
     """Propagate ``path``'s structures from their middle slices with ``package`` and save every box-prompted
     decode with its target to ``shard``; returns a line for the log."""
