@@ -36,16 +36,16 @@ def read_crops(folder: Path):
     """A ``dicom-node finetune`` run's cached crops of one split (models.finetune's shard format)."""
     import torch
 
-    from models.finetune import _item, _Split, unpack_native
+    from models.finetune import crop_item_from_dict, CropSet, unpack_native
 
     items, embeddings, targets, native = [], [], [], []
     for shard in sorted(folder.glob("*.pt")):
         d = torch.load(shard, weights_only=False)
-        items += [_item(x) for x in d["items"]]
+        items += [crop_item_from_dict(x) for x in d["items"]]
         embeddings.append(d["embeddings"])
         targets.append(d["targets"])
         native += unpack_native(d)
-    return _Split(items, torch.cat(embeddings), torch.cat(targets), native)
+    return CropSet(items, torch.cat(embeddings), torch.cat(targets), native)
 
 
 def main() -> None:
@@ -104,7 +104,7 @@ def main() -> None:
     import torch
 
     from config.finetune import OnPolicy, PromptMix
-    from models.finetune import _freeze_all_but, _tuned_state, validate
+    from models.finetune import freeze_all_but, tuned_state, validate
     from models.litemedsam import LiteMedSamEngine
     from models.on_policy import decode_dice, read_decodes, round_package, train_pass
     from models.package import find_package, load_package
@@ -122,7 +122,7 @@ def main() -> None:
     base = load_package(args.checkpoint) if Path(args.checkpoint).is_dir() else find_package(args.checkpoint)
     names = [label.name for label in base.manifest.labels]
     net = LiteMedSamEngine.load(args.checkpoint, "cpu", backend="torch").net
-    params = _freeze_all_but(net, ["prompt_encoder", "mask_decoder"])
+    params = freeze_all_but(net, ["prompt_encoder", "mask_decoder"])
     prompts = PromptMix()  # config/finetune.example.yaml's prompt mix for the original crops
     scores = {"before": {"held": decode_dice(net, held_decodes), "val": validate(net, val, names, 0.15, "cpu")}}
     print(f"before: held on-policy decode Dice {scores['before']['held']:.3f}; validation slices "
@@ -140,7 +140,7 @@ def main() -> None:
               "supervised_crops": len(crops), "epochs": args.epochs, "lr": args.lr,
               "final_loss": float(np.mean(losses[-50:])), "script": "bench/finetune_on_policy.py",
               "seconds": round(time.perf_counter() - started, 1)}
-    state = _tuned_state(net, ["prompt_encoder", "mask_decoder"])
+    state = tuned_state(net, ["prompt_encoder", "mask_decoder"])
     package = round_package(base, args.out / "package" / base.manifest.name, state, record, scores, args.version,
                             "float32")
     print(f"wrote {package.path} ({record['seconds']:.0f} s of training)")

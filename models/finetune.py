@@ -50,8 +50,9 @@ from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_in
                               middle_slice_extent, normalise, pair_gaps)
 from models.train import npz_keymap, run_case_paths, training_device
 
-__all__ = ["CropItem", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box", "decode_logits",
-           "segmentation_loss", "native_dice", "build_cache", "unpack_native", "validate", "finetune"]
+__all__ = ["CropItem", "CropSet", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box",
+           "decode_logits", "segmentation_loss", "native_dice", "build_cache", "unpack_native", "validate", "finetune",
+           "crop_item_from_dict", "freeze_all_but", "label_sources", "prompt_kinds", "tuned_state"]
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def native_dice(logits: np.ndarray, window: CropWindow, truth: np.ndarray) -> fl
 
 # ----------------------------------------------------------------------------------------------------- the cache
 @dataclass
-class _Split:
+class CropSet:
     """Cached crops of one split, in memory."""
 
     items: list[CropItem]
@@ -170,7 +171,8 @@ class _Split:
         return len(self.items)
 
 
-def _labels(cfg: FinetuneConfig) -> list[LabelSource]:
+def label_sources(cfg: FinetuneConfig) -> list[LabelSource]:
+    """The configured structures as :func:`models.data.read_npz` takes them."""
     return [LabelSource(lab.name, tuple(lab.source_names)) for lab in cfg.labels]
 
 
@@ -197,7 +199,7 @@ def _cache_case(path: Path, shard: Path, cfg: FinetuneConfig, engine: LiteMedSam
                 ) -> tuple[dict[str, Any], int, _CaseGeometry]:
     """The cached shard of one case (encoded now when missing or stale); also how many crops were encoded and the
     case's geometry (what a package learns of its structures' extents)."""
-    case = read_npz(path, _labels(cfg), _keymap(cfg))
+    case = read_npz(path, label_sources(cfg), _keymap(cfg))
     present = [int(c) for c in np.flatnonzero(case.present)]
     extents = {c: middle_slice_extent(case.masks[c], case.spacing_xyz) for c in present}
     geometry = _CaseGeometry(
@@ -242,14 +244,16 @@ def _label_named(cfg: FinetuneConfig, lower: str) -> str:
     return next(lab.name for lab in cfg.labels if lab.name.lower() == lower)
 
 
-def _item(d: dict[str, Any]) -> CropItem:
+def crop_item_from_dict(d: dict[str, Any]) -> CropItem:
+    """A :class:`CropItem` from its cached form (``asdict``)."""
     nb = d["neighbour_box"]
-    return CropItem(d["case_id"], d["label"], d["z"], CropWindow(**d["window"]), tuple(d["own_box"]),  # type: ignore[arg-type]
+    return CropItem(d["case_id"], d["label"], d["z"], CropWindow(**d["window"]),
+                    tuple(d["own_box"]),  # type: ignore[arg-type]
                     tuple(nb) if nb is not None else None, d["placed_on"])  # type: ignore[arg-type]
 
 
 def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfig, engine: LiteMedSamEngine,
-                 per_structure: int, neighbour_fraction: float) -> tuple[_Split, dict[str, Any]]:
+                 per_structure: int, neighbour_fraction: float) -> tuple[CropSet, dict[str, Any]]:
     base_sha = base_reference()["sha256"]
     items: list[CropItem] = []
     embeddings, targets, native = [], [], []
@@ -268,7 +272,7 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
             gaps.setdefault(pair, []).append(g)
         for c, g in geometry.growth.items():
             growth.setdefault(c, []).append(g)
-        items += [_item(d) for d in shard["items"]]
+        items += [crop_item_from_dict(d) for d in shard["items"]]
         embeddings.append(shard["embeddings"])
         targets.append(shard["targets"])
         native += unpack_native(shard)
@@ -277,7 +281,7 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
     abutments = fit_abutments(gaps, {cfg.labels[c].name: float(np.median([h for _, h in v]))
                                      for c, v in extents.items()})
     log.info("%s: %d crops from %d cases (%d encoded now in %.0f s)", split, len(items), len(paths), encoded, seconds)
-    data = _Split(items, torch.cat(embeddings) if embeddings else torch.zeros(0, 256, 64, 64, dtype=torch.float16),
+    data = CropSet(items, torch.cat(embeddings) if embeddings else torch.zeros(0, 256, 64, 64, dtype=torch.float16),
                   torch.cat(targets) if targets else torch.zeros(0, INPUT_SIZE, INPUT_SIZE, dtype=torch.bool), native)
     stats = {"cases": len(paths), "crops": len(items), "encoded_now": encoded, "cache_seconds": round(seconds, 1),
              "median_spacing_xyz": [float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
@@ -294,7 +298,8 @@ def build_cache(paths: Sequence[Path], split: str, out: Path, cfg: FinetuneConfi
 
 
 # ------------------------------------------------------------------------------------------------ train / validate
-def _prompt_kinds(mix: PromptMix, items: Sequence[CropItem], rng: np.random.Generator) -> list[str]:
+def prompt_kinds(mix: PromptMix, items: Sequence[CropItem], rng: np.random.Generator) -> list[str]:
+    """A prompt kind per item, drawn with ``mix``'s weights (no neighbour box where the item has none)."""
     weights = np.array([mix.true_box, mix.neighbour_box, mix.jittered_box], float)
     kinds = []
     for it in items:
@@ -308,7 +313,7 @@ def _prompt_kinds(mix: PromptMix, items: Sequence[CropItem], rng: np.random.Gene
 
 
 @torch.no_grad()
-def validate(net: torch.nn.Module, data: _Split, label_names: Sequence[str], jitter: float, device: str,
+def validate(net: torch.nn.Module, data: CropSet, label_names: Sequence[str], jitter: float, device: str,
              batch: int = 16) -> dict[str, Any]:
     """Native Dice per prompt kind and structure on the cached validation crops (the jittered boxes are fixed by
     a seeded generator, so every epoch and the zero-shot weights see the same boxes)."""
@@ -336,7 +341,8 @@ class FinetuneResult:
     best: dict[str, Any] | None
 
 
-def _freeze_all_but(net: torch.nn.Module, parts: Sequence[str]) -> list[torch.nn.Parameter]:
+def freeze_all_but(net: torch.nn.Module, parts: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Freeze ``net`` except the modules ``parts``; returns their parameters (what the optimiser trains)."""
     for p in net.parameters():
         p.requires_grad_(False)
     params = [p for part in parts for p in getattr(net, part).parameters()]
@@ -345,11 +351,12 @@ def _freeze_all_but(net: torch.nn.Module, parts: Sequence[str]) -> list[torch.nn
     return params
 
 
-def _tuned_state(net: torch.nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:
+def tuned_state(net: torch.nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A CPU copy of the state of ``parts`` only: what a package stores."""
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k.split(".", 1)[0] in parts}
 
 
-def _epoch(net: torch.nn.Module, data: _Split, cfg: FinetuneConfig, opt: torch.optim.Optimizer,
+def _epoch(net: torch.nn.Module, data: CropSet, cfg: FinetuneConfig, opt: torch.optim.Optimizer,
            sched: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator, device: str, epoch: int) -> float:
     order = rng.permutation(len(data))
     losses: list[float] = []
@@ -357,7 +364,7 @@ def _epoch(net: torch.nn.Module, data: _Split, cfg: FinetuneConfig, opt: torch.o
     bar = _progress(cfg, batches, f"epoch {epoch + 1}/{cfg.epochs}")
     for idx in bar:
         items = [data.items[i] for i in idx]
-        kinds = _prompt_kinds(cfg.prompts, items, rng)
+        kinds = prompt_kinds(cfg.prompts, items, rng)
         boxes = torch.tensor([item_box(it, k, rng, cfg.prompts.box_jitter) for it, k in zip(items, kinds)],
                              device=device)
         logits = decode_logits(net, data.embeddings[idx].to(device).float(), boxes)
@@ -451,7 +458,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     torch.manual_seed(cfg.seed)
     net = engine.net
-    params = _freeze_all_but(net, cfg.train_parts)
+    params = freeze_all_but(net, cfg.train_parts)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
@@ -476,7 +483,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         zero = validate(net, val, names, cfg.prompts.box_jitter, device)
         history.append({"epoch": -1, "loss": None, "val": zero, "seconds": 0.0})
         best_score = zero["score"]  # fine-tuning must beat the weights it started from to be shipped
-        torch.save(_tuned_state(net, cfg.train_parts), ckpt_dir / "best.pt")
+        torch.save(tuned_state(net, cfg.train_parts), ckpt_dir / "best.pt")
         log.info("zero-shot validation: %s", zero["mean"])
     t0 = time.monotonic()
     epoch_times: list[float] = []
@@ -490,11 +497,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             row["val"] = validate(net, val, names, cfg.prompts.box_jitter, device)
             if row["val"]["score"] > best_score:
                 best_score, best_epoch = row["val"]["score"], epoch
-                torch.save(_tuned_state(net, cfg.train_parts), ckpt_dir / "best.pt")
+                torch.save(tuned_state(net, cfg.train_parts), ckpt_dir / "best.pt")
         row["seconds"] = round(time.monotonic() - te, 1)
         history.append(row)
         log.info("epoch %d: loss %.4f%s", epoch, loss, f", validation {row['val']['mean']}" if "val" in row else "")
-        torch.save({"model": _tuned_state(net, cfg.train_parts), "optimizer": opt.state_dict(),
+        torch.save({"model": tuned_state(net, cfg.train_parts), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history,
                     "best_score": best_score, "best_epoch": best_epoch, "labels": names,
@@ -508,7 +515,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     (out / "history.json").write_text(json.dumps(history, indent=1))
     _plot_curve(history, out / "curve.png")
     if not len(val):  # nothing to select on: ship the last weights
-        torch.save(_tuned_state(net, cfg.train_parts), ckpt_dir / "best.pt")
+        torch.save(tuned_state(net, cfg.train_parts), ckpt_dir / "best.pt")
         best_epoch = history[-1]["epoch"] if history else -1
     best_state = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True)
     zero_row = next((h for h in history if h["epoch"] == -1), None)

@@ -33,11 +33,12 @@ from config.finetune import FinetuneConfig, OnPolicy, PromptMix
 from models.data import KeyMap, LabelSource, read_npz
 from models.errors import TrainingError
 from models.evaluate_propagation import seed_slices
-from models.finetune import (_freeze_all_but, _keymap, _labels, _prompt_kinds, _Split, _tuned_state, decode_logits,
-                             item_box, item_target, native_dice, segmentation_loss, unpack_native, validate)
+from models.finetune import (CropSet, decode_logits, freeze_all_but, item_box, item_target, label_sources, native_dice,
+                             prompt_kinds, segmentation_loss, tuned_state, unpack_native, validate)
 from models.litemedsam import LiteMedSamEngine
 from models.package import MANIFEST_NAME, ModelPackage, load_package, write_package
 from models.propagate import CropWindow, Decode, EncodingCache, PropagationSettings, Seed, propagate
+from models.train import npz_keymap
 
 __all__ = ["Decodes", "choose_cases", "collect_case", "decode_dice", "on_policy_rounds", "read_decodes",
            "round_package", "train_pass"]
@@ -130,7 +131,7 @@ def decode_dice(net: torch.nn.Module, decodes: Decodes, device: str = "cpu", bat
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def train_pass(net: torch.nn.Module, params: Sequence[torch.nn.Parameter], decodes: Decodes, crops: _Split,
+def train_pass(net: torch.nn.Module, params: Sequence[torch.nn.Parameter], decodes: Decodes, crops: CropSet,
                prompts: PromptMix, settings: OnPolicy, *, batch_size: int, dice_weight: float, seed: int,
                device: str) -> list[float]:
     """Train ``params`` on the decodes (prompted with the box the front gave) and the supervised crops (prompted as
@@ -148,7 +149,7 @@ def train_pass(net: torch.nn.Module, params: Sequence[torch.nn.Parameter], decod
     for b in range(total):
         picked = order[b * batch_size:(b + 1) * batch_size]
         from_crops = [int(k) - n_dec for k in picked if k >= n_dec]
-        kinds = iter(_prompt_kinds(prompts, [crops.items[m] for m in from_crops], rng))
+        kinds = iter(prompt_kinds(prompts, [crops.items[m] for m in from_crops], rng))
         embeddings, boxes, targets = [], [], []
         for k in picked:
             if k < n_dec:
@@ -206,7 +207,7 @@ def _weights_sha(package: ModelPackage) -> str:
 
 
 def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, train_paths: Sequence[Path],
-                     crops: _Split, val: _Split, device: str) -> ModelPackage:
+                     crops: CropSet, val: CropSet, device: str) -> ModelPackage:
     """Run ``cfg.on_policy.rounds`` rounds from ``supervised`` (written under ``out/on_policy/round_0``); returns
     the last round's package, also copied to ``out/package/<name>``. A round whose package was made from the
     current base weights is reused; one made from other weights is redone, its decodes too."""
@@ -238,7 +239,7 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
         shard_of = {p: folder / "decodes" / f"{p.stem}.pt" for p in chosen}
         todo = [p for p in chosen if not shard_of[p].is_file()]
         log.info("on-policy round %d: propagating %d of %d cases with %s", r, len(todo), len(chosen), base.path)
-        jobs = [(p, shard_of[p], str(base.path), _labels(cfg), _keymap(cfg),
+        jobs = [(p, shard_of[p], str(base.path), label_sources(cfg), npz_keymap(cfg.data),
                  1 if settings.workers > 1 else cfg.threads) for p in todo]
         if settings.workers > 1:
             with mp.get_context("spawn").Pool(settings.workers) as pool:
@@ -251,7 +252,7 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
         decodes = read_decodes([shard_of[p] for p in used])
         held_decodes = read_decodes([shard_of[p] for p in held])
         net = LiteMedSamEngine.load(str(base.path), device, backend="torch").net
-        params = _freeze_all_but(net, cfg.train_parts)
+        params = freeze_all_but(net, cfg.train_parts)
         scores: dict[str, Any] = {"before": {"held": decode_dice(net, held_decodes, device),
                                              "val": validate(net, val, names, cfg.prompts.box_jitter, device)}}
         log.info("on-policy round %d: %d decodes from %d cases (%d past a structure's end), %d held from %d; "
@@ -272,7 +273,7 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
                   "epochs": settings.epochs, "lr": settings.lr,
                   "weight_decay": settings.weight_decay, "final_loss": float(np.mean(losses[-50:])),
                   "seconds": round(time.monotonic() - started, 1)}
-        base = round_package(base, target, _tuned_state(net, cfg.train_parts), record, scores,
+        base = round_package(base, target, tuned_state(net, cfg.train_parts), record, scores,
                              cfg.package.version, cfg.package.weights_dtype)
     final = out / "package" / cfg.package.name
     final.mkdir(parents=True, exist_ok=True)
