@@ -36,7 +36,7 @@ def read_crops(folder: Path):
     """A ``dicom-node finetune`` run's cached crops of one split (models.finetune's shard format)."""
     import torch
 
-    from models.finetune import crop_item_from_dict, CropSet, unpack_native
+    from models.finetune import CropSet, crop_item_from_dict, unpack_native
 
     items, embeddings, targets, native = [], [], [], []
     for shard in sorted(folder.glob("*.pt")):
