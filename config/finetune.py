@@ -129,4 +129,4 @@ class FinetuneConfig(_Strict):
 
 def load_finetune_config(path: str | Path) -> FinetuneConfig:
     """Read and validate a fine-tuning YAML; relative paths are taken relative to the file's folder."""
-    return load_run_config(path, FinetuneConfig)
+    return load_run_config(path, FinetuneConfig, "Fine-tuning on a clinic's own contours")

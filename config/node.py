@@ -166,7 +166,9 @@ def _unknown_destinations(names: Any, destinations: Any) -> list[str]:
     ]
 
 
-def format_validation_errors(error: ValidationError) -> list[str]:
+def format_validation_errors(error: ValidationError, readme_section: str = "Configuration") -> list[str]:
+    """One line per problem, ``key.path: message (got value)``; an unknown key points to the README section that
+    lists the known ones. Every config loader reports through this, so all config errors read alike."""
     problems = []
     for item in error.errors():
         message = item["msg"].removeprefix("Value error, ")
@@ -175,7 +177,7 @@ def format_validation_errors(error: ValidationError) -> list[str]:
             continue
         path = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check spelling; see README 'Configuration')"
+            message = f"unknown key (check spelling; see README '{readme_section}')"
         elif item["type"] != "missing" and "got" not in message and not isinstance(item.get("input"), dict):
             message += f" (got {item.get('input')!r})"
         problems.append(f"{path}: {message}")

@@ -148,7 +148,7 @@ def parse_rules(data: Any, node: NodeConfig, source: str = "<rules>") -> RulesCo
     try:
         rules = RulesConfig.model_validate(data)
     except ValidationError as exc:
-        problems = format_validation_errors(exc)
+        problems = format_validation_errors(exc, "Routing rules")
         names = {str(i): r.get("name") for i, r in enumerate(data.get("rules") or []) if isinstance(r, dict)}
         raise ConfigError(source, [_with_rule_name(p, names) for p in problems]) from None
     problems = _destination_problems(rules, node)

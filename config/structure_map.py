@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from config.node import ConfigError
+from config.node import ConfigError, format_validation_errors
 from config.structures import StructureTable, load_structure_table, normalize_label, read_yaml
 
 __all__ = ["DEFAULT_MAP", "Pattern", "StructureMapFile", "StructureMap", "Resolution", "load_structure_map",
@@ -129,17 +129,6 @@ class StructureMap:
         return Resolution(label, None, "unmapped")
 
 
-def _problems(error: ValidationError) -> list[str]:
-    out = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        if not item["loc"]:
-            out.extend(message.split("\n"))
-        else:
-            out.append(f"{'.'.join(str(p) for p in item['loc'])}: {message} (got {item.get('input')!r})")
-    return out
-
-
 def parse_structure_map(data: object, source: str = "<structure map>",
                         table: StructureTable | None = None) -> StructureMap:
     if data is None:
@@ -149,7 +138,7 @@ def parse_structure_map(data: object, source: str = "<structure map>",
     try:
         spec = StructureMapFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _problems(exc)) from None
+        raise ConfigError(source, format_validation_errors(exc, "Converting clinical exports for training")) from None
     return StructureMap(spec, table or load_structure_table())
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from config.node import ConfigError
+from config.node import ConfigError, format_validation_errors
 
 __all__ = [
     "CodeSpec", "StructureSpec", "StructureTable", "DEFAULT_TABLE",
@@ -88,24 +88,13 @@ class StructureTable(_Strict):
         return self.codes[key]
 
 
-def _problems(error: ValidationError) -> list[str]:
-    out = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        if not item["loc"]:
-            out.extend(message.split("\n"))
-        else:
-            out.append(f"{'.'.join(str(p) for p in item['loc'])}: {message} (got {item.get('input')!r})")
-    return out
-
-
 def parse_structure_table(data: object, source: str = "<tg263>") -> StructureTable:
     if not isinstance(data, dict):
         raise ConfigError(source, [f"(top level): must be a mapping, got {type(data).__name__}"])
     try:
         return StructureTable.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _problems(exc)) from None
+        raise ConfigError(source, format_validation_errors(exc, "Structure names (`config/tg263.yaml`)")) from None
 
 
 @cache

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from config.node import ConfigError
+from config.node import ConfigError, format_validation_errors
 
 RunConfigT = TypeVar("RunConfigT", bound=BaseModel)
 
@@ -151,7 +151,7 @@ class TrainingConfig(_Strict):
         return self
 
 
-def load_run_config(path: str | Path, model: type[RunConfigT]) -> RunConfigT:
+def load_run_config(path: str | Path, model: type[RunConfigT], readme_section: str) -> RunConfigT:
     """Read and validate a training-run YAML (``model``: a config with ``data.train_dirs``/``val_dirs`` and
     ``output_dir``); relative paths are taken relative to the file's folder."""
     path = Path(path)
@@ -164,9 +164,7 @@ def load_run_config(path: str | Path, model: type[RunConfigT]) -> RunConfigT:
     try:
         cfg = model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(
-            str(path), [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
-        ) from exc
+        raise ConfigError(str(path), format_validation_errors(exc, readme_section)) from None
     base = path.resolve().parent
 
     def rel(p: Path) -> Path:
@@ -185,4 +183,4 @@ def load_run_config(path: str | Path, model: type[RunConfigT]) -> RunConfigT:
 
 def load_training_config(path: str | Path) -> TrainingConfig:
     """Read and validate a training YAML; relative paths are taken relative to the file's folder."""
-    return load_run_config(path, TrainingConfig)
+    return load_run_config(path, TrainingConfig, "Organ models: the `organs` pipeline")

@@ -169,7 +169,8 @@ def test_mapping_file_is_validated_with_key_paths():
         parse_structure_map({"names": {"Parotid L!?": ["x"]}, "patterns": [{"regex": "(", "name": "PTV"}],
                              "colour": 1})
     text = str(err.value)
-    assert "names" in text and "patterns.0.regex" in text and "colour" in text
+    assert "names" in text and "patterns.0.regex" in text
+    assert "colour: unknown key (check spelling; see README 'Converting clinical exports for training')" in text
     with pytest.raises(ConfigError, match="already maps to"):
         parse_structure_map({"names": {"A": ["left thing"], "B": ["Left-Thing"]}})
 

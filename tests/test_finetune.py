@@ -345,4 +345,4 @@ def test_a_bad_finetune_config_names_the_key(tmp_path):
     path = _config(tmp_path, 1, on_policy={"rounds": 1, "cases": 4, "hold": 4})
     result = CliRunner().invoke(app, ["finetune", "--config", str(path)])
     assert result.exit_code == 1
-    assert "on_policy: Value error, hold (4) must be below the number of cases (4)" in result.output
+    assert "on_policy: hold (4) must be below the number of cases (4)" in result.output

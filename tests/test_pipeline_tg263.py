@@ -50,7 +50,7 @@ def _table(**structure):
     ({"type": "hart"}, "structures.Heart.type: unknown code 'hart'"),
     ({"roi_type": "OAR"}, "structures.Heart.roi_type: Input should be 'EXTERNAL'"),
     ({"color": [255, 0, 300]}, "color values must be 0-255"),
-    ({"colour": [1, 2, 3]}, "structures.Heart.colour: Extra inputs are not permitted"),
+    ({"colour": [1, 2, 3]}, "structures.Heart.colour: unknown key"),
 ])
 def test_invalid_tables_name_the_key_path(change, message):
     with pytest.raises(ConfigError) as caught:
