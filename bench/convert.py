@@ -74,7 +74,7 @@ def _image_part(series: Path, out: Path, level: int) -> None:
     infos, _, _ = scan([series])
     datasets = [pydicom.dcmread(i.path) for i in infos]
     geometry = series_geometry(datasets)
-    volume = load_volume(geometry.datasets)
+    volume = load_volume(geometry)
     write_npz(out / "image.npz", {"image": volume.array, "spacing": np.asarray(volume.spacing[::-1])}, level)
 
 

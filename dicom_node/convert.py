@@ -261,7 +261,7 @@ def _convert_case(task: _Task) -> dict[str, Any]:
     pseudo = Pseudonymiser(options.secret)
     datasets = [pydicom.dcmread(info.path) for info in case.images]
     geometry = series_geometry(datasets)
-    volume = load_volume(geometry.datasets)
+    volume = load_volume(geometry)
     annotation = case.annotation
     assert annotation is not None
     source = pydicom.dcmread(annotation.info.path)

@@ -26,7 +26,7 @@ from pydicom import Dataset
 
 from models.types import StructureSet, Volume
 from pipeline.errors import PipelineError, PipelineParamsError, StructureError, UnknownPipelineError
-from pipeline.volume import load_volume, sort_slices
+from pipeline.volume import load_volume, series_geometry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -163,7 +163,8 @@ def run_pipeline(pipeline: Pipeline, datasets: Sequence[Dataset], params: Mappin
                  structure_sets: Sequence[Dataset] = (), prior: PriorStudy | None = None) -> StructureSet:
     """Load ``datasets`` as a volume, validate ``params`` and run ``pipeline``; check what it returns."""
     validated = validate_params(pipeline, params)
-    data = PipelineInput(volume=load_volume(datasets), datasets=tuple(sort_slices(datasets)), params=validated,
+    geometry = series_geometry(datasets)
+    data = PipelineInput(volume=load_volume(geometry), datasets=geometry.datasets, params=validated,
                          structure_sets=tuple(structure_sets), prior=prior)
     logger.info("running pipeline %s %s on a %s volume", pipeline.name, pipeline.version, data.volume.shape)
     return _check_output(pipeline, pipeline.run(data), data.volume)

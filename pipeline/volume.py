@@ -225,13 +225,14 @@ def _output_dtype(lo: float, hi: float, integral: bool) -> type:
     return np.int32 if integral else np.float32
 
 
-def load_volume(datasets: Sequence[Dataset]) -> Volume:
-    """Sort, check and decode a series into a :class:`Volume` (rescaled values, exact geometry).
+def load_volume(source: Sequence[Dataset] | SeriesGeometry) -> Volume:
+    """Sort, check and decode a series into a :class:`Volume` (rescaled values, exact geometry); a
+    :class:`SeriesGeometry` already checked is decoded as it is (the checks cost ~10 ms per 128 slices).
 
     Raises :class:`SeriesError` naming what is wrong: mixed series, multi-frame, differing size/spacing/orientation,
     gantry tilt, duplicate or missing slices, undecodable pixel data.
     """
-    geometry = series_geometry(datasets)
+    geometry = source if isinstance(source, SeriesGeometry) else series_geometry(source)
     slices = [_pixels(ds) for ds in geometry.datasets]
     integral = all(np.issubdtype(s.dtype, np.integer) or np.array_equal(s, np.round(s)) for s in slices)
     lo = min(float(s.min()) for s in slices)

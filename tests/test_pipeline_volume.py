@@ -84,6 +84,9 @@ def test_factory_series_roundtrips_hu_and_grid(kbp_series):
     np.testing.assert_array_equal(volume.array, case.ct[:40])
     sz, sy, sx = case.spacing_zyx
     np.testing.assert_allclose(volume.spacing, (sx, sy, sz), rtol=1e-5)
+    again = load_volume(series_geometry(datasets[::-1]))  # a checked geometry decodes to the same volume
+    np.testing.assert_array_equal(again.array, volume.array)
+    assert (again.spacing, again.origin, again.direction) == (volume.spacing, volume.origin, volume.direction)
 
 
 def test_rescale_slope_and_intercept_are_applied(kbp_series):
