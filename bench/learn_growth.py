@@ -4,7 +4,7 @@ Propagation stops a front whose area grows more than ``max_growth`` (2) x from o
 a neighbour. A quarter of OpenKBP's train mandibles grow more than that where the rami meet the body, and a
 decoder that draws the body there was stopped on the spot (hn-litemedsam 1.5.0: OpenKBP train mandibles 41, 115
 and 169 kept 0.29-0.36 Dice, "jumped: area grew 2.2-2.7x"). Packages now record each label's ``growth``
-(models.propagate.learned_growth over the training contours, the largest: learn_growth) and fronts allow the
+(models.extent.learned_growth over the training contours, the largest: learn_growth) and fronts allow the
 larger of that and max_growth. Packages trained before that lack it; this script measures it on the package's
 training cases (OpenKBP train, all of them, as hn-litemedsam's fine-tuning used) and writes a copy with the
 growth, the weights untouched:
@@ -36,7 +36,7 @@ def main() -> None:
 
     from models.data import LabelSource, read_npz
     from models.package import load_package, write_manifest
-    from models.propagate import learn_growth, learned_growth
+    from models.extent import learn_growth, learned_growth
 
     base = load_package(Path(args.source))
     labels = [LabelSource(lab.name, tuple(lab.source_names)) for lab in base.manifest.labels]

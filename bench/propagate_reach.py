@@ -2,13 +2,13 @@
 
 Each organ of the chosen OpenKBP **train** patients is seeded on its middle slice and propagated with every stop
 criterion off except "vanished", up to ``--margin`` slices past its clinical extent; the result is then cut at
-each candidate reach (``max_travel`` x the seed's equivalent diameter, :func:`models.propagate.reach`) and scored.
+each candidate reach (``max_travel`` x the seed's equivalent diameter, :func:`models.extent.reach`) and scored.
 Slices further than the margin past the extent are counted as if the front went on with its last area and no
 overlap (what it does: see the per-step table with ``--steps``). Tune here, report on validation.
 
 The second table cuts at ``reach_fraction`` x each structure's *learned* reach instead: the median over the
-OpenKBP train split of :func:`models.propagate.learned_reach` (what ``dicom-node finetune`` records per label);
-the third at ``reach_fraction`` x its :class:`models.propagate.ReachLaw` fitted over the same split (what the
+OpenKBP train split of :func:`models.extent.learned_reach` (what ``dicom-node finetune`` records per label);
+the third at ``reach_fraction`` x its :class:`models.extent.ReachLaw` fitted over the same split (what the
 engine uses when the package has one). ``--write-reach PKG`` writes both into a package's manifest (how the
 shipped hn-litemedsam got them).
 
@@ -34,7 +34,7 @@ def train_reach(labels) -> tuple[dict[str, float], dict[str, object], dict[str, 
     """Median learned reach of each label over the OpenKBP train split, its ReachLaw and the Abutments (seconds:
     masks only); what ``dicom-node finetune`` records from its training cases."""
     from models.data import read_npz
-    from models.propagate import fit_abutments, learn_reach, middle_slice_extent, pair_gaps
+    from models.extent import fit_abutments, learn_reach, middle_slice_extent, pair_gaps
 
     extents: dict[str, list[tuple[float, float]]] = {}
     gaps: dict[tuple[str, str], list[float]] = {}
@@ -69,7 +69,8 @@ def extent_only(labels) -> None:
     abutments to the law (models.propagate.abut: a cord ends below the brainstem's predicted extent)."""
     from models.data import read_npz
     from models.evaluate_propagation import seed_slices
-    from models.propagate import Abutment, ReachLaw, Seed, abut, within_reach
+    from models.extent import Abutment, ReachLaw
+    from models.propagate import Seed, abut, within_reach
 
     medians, laws, abutments = train_reach(labels)
     fixed = {name: ReachLaw(law.half_extent_mm(law.diameter_mm), law.diameter_mm, 0.0)  # type: ignore[attr-defined]
@@ -149,7 +150,8 @@ def main() -> None:
     from models.data import read_npz
     from models.evaluate_propagation import HN_ORGANS, seed_slices
     from models.prompting import load_engine
-    from models.propagate import EncodingCache, PropagationSettings, Seed, propagate, reach
+    from models.extent import reach
+    from models.propagate import EncodingCache, PropagationSettings, Seed, propagate
 
     if args.extent_only:
         return extent_only(HN_ORGANS)

@@ -45,9 +45,9 @@ from models.data import KeyMap, LabelSource, read_npz
 from models.errors import TrainingError
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
-from models.propagate import (CropWindow, PropagationSettings, box_of, box_to_input, crop_image, crop_window,
-                              fit_abutments, learn_growth, learn_reach, learned_growth, logits_to_native,
-                              middle_slice_extent, normalise, pair_gaps)
+from models.crops import CropWindow, box_of, box_to_input, crop_image, crop_window, logits_to_native, normalise
+from models.extent import fit_abutments, learn_growth, learn_reach, learned_growth, middle_slice_extent, pair_gaps
+from models.propagate import PropagationSettings
 from models.train import npz_keymap, run_case_paths, training_device
 
 __all__ = ["CropItem", "CropSet", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box",

@@ -20,7 +20,7 @@ import torch
 from models import onnx_cpu
 from models.errors import EngineError, ModelPackageError
 from models.prompting import Prompt
-from models.propagate import Abutment, ReachLaw
+from models.extent import Abutment, ReachLaw
 
 __all__ = ["LiteMedSamEngine", "ARCHITECTURE", "INPUT_SIZE", "base_reference"]
 
@@ -142,7 +142,7 @@ class LiteMedSamEngine:
         self.version = version
         self.device = device
         # Lower-cased structure name -> how far it reaches from its middle slice in the package's training
-        # contours (models.propagate.learned_reach); propagation bounds those structures' fronts by it.
+        # contours (models.extent.learned_reach); propagation bounds those structures' fronts by it.
         self.structure_reach = dict(structure_reach or {})
         self.structure_reach_law = dict(structure_reach_law or {})  # the same, against the seed's size (ReachLaw)
         self.structure_abutment = dict(structure_abutment or {})  # where a structure ends beside another (Abutment)

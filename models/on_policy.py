@@ -37,7 +37,8 @@ from models.finetune import (CropSet, decode_logits, freeze_all_but, item_box, i
                              prompt_kinds, segmentation_loss, tuned_state, unpack_native, validate)
 from models.litemedsam import LiteMedSamEngine
 from models.package import MANIFEST_NAME, ModelPackage, load_package, write_package
-from models.propagate import CropWindow, Decode, EncodingCache, PropagationSettings, Seed, propagate
+from models.crops import CropWindow
+from models.propagate import Decode, EncodingCache, PropagationSettings, Seed, propagate
 from models.train import npz_keymap
 
 __all__ = ["Decodes", "choose_cases", "collect_case", "decode_dice", "on_policy_rounds", "read_decodes",

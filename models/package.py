@@ -83,7 +83,7 @@ class PatchConfig(_Strict):
 
 
 class ReachLawSpec(_Strict):
-    """A structure's half-length from its middle slice as a power of that slice's size (models.propagate.ReachLaw)."""
+    """A structure's half-length from its middle slice as a power of that slice's size (models.extent.ReachLaw)."""
 
     half_mm: float = Field(gt=0, description="Half the z extent, in mm, of a structure whose middle slice has the "
                            "reference diameter.")
@@ -93,7 +93,7 @@ class ReachLawSpec(_Strict):
 
 
 class AbutmentSpec(_Strict):
-    """Where a structure ends beside another in the training contours (models.propagate.Abutment)."""
+    """Where a structure ends beside another in the training contours (models.extent.Abutment)."""
 
     label: str = Field(description="Name of the structure it ends beside (a label of this package).")
     gap_mm: float = Field(description="From its end slice to the other's facing end slice, mm (one slice apart: the "
@@ -119,22 +119,22 @@ class LabelSpec(_Strict):
     )
     reach: float | None = Field(
         None, gt=0, description="Prompted engines: median distance from the structure's middle slice to its ends "
-        "in the training contours, in equivalent diameters of the middle slice (models.propagate.learned_reach); "
+        "in the training contours, in equivalent diameters of the middle slice (models.extent.learned_reach); "
         "bounds how far propagation goes past a seed."
     )
     reach_law: ReachLawSpec | None = Field(
         None, description="Prompted engines: the reach fitted against the middle slice's size over the training "
-        "contours (models.propagate.fit_reach_law); used instead of ``reach`` when present."
+        "contours (models.extent.fit_reach_law); used instead of ``reach`` when present."
     )
     growth: float | None = Field(
         None, gt=0, description="Prompted engines: how much the structure's area grows from one slice to the next "
         "going outward from its middle slice in the training contours (the largest step over the training cases, "
-        "models.propagate.learn_growth); propagation's leak guard stops its fronts only beyond the "
+        "models.extent.learn_growth); propagation's leak guard stops its fronts only beyond the "
         "larger of this and max_growth."
     )
     abuts: AbutmentSpec | None = Field(
         None, description="Prompted engines: the structure this one ends beside in every training case, give or take "
-        "a slice (models.propagate.fit_abutments); its seeded fronts end where that structure's extent says."
+        "a slice (models.extent.fit_abutments); its seeded fronts end where that structure's extent says."
     )
 
 

@@ -45,19 +45,17 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from models.crops import (OUTSIDE, CropWindow, box_fill, box_of, box_to_input, crop_image, crop_window,
+                          interior_points, logits_to_native, normalise, points_to_input, reusable_window)
 from models.errors import ModelInputError
+from models.extent import Abutment, ReachLaw, reach
 from models.prompting import Prompt, PromptEngine, VolumePropagator
 
 __all__ = [
-    "PropagationSettings", "CropWindow", "ReachLaw", "fit_reach_law", "learn_reach", "middle_slice_extent",
-    "MIN_LAW_CASES", "Abutment", "ABUTMENT_TOLERANCE_MM", "facing_gap_mm", "pair_gaps", "fit_abutments", "abut",
-    "abutments_for",
-    "equivalent_diameter_mm", "Seed", "StructureResult", "Decode", "EncodingCache",
-    "box_of", "crop_window", "crop_image", "box_to_input", "points_to_input", "logits_to_native",
-    "box_fill", "interior_points", "anatomy_shift", "stop_reason", "keep_connected", "reach", "learned_reach",
-    "travel_for", "learned_growth", "learn_growth", "growth_for",
-    "follows_anatomy", "within_reach", "plan_fronts", "propagate", "FOLLOW_ANATOMY", "REACH_FRACTION",
-    "segment_slices", "reusable_window", "region_from_clicks", "interpolate_masks",
+    "PropagationSettings", "Seed", "StructureResult", "Decode", "EncodingCache", "propagate", "segment_slices",
+    "anatomy_shift", "stop_reason", "keep_connected", "abut", "abutments_for", "travel_for", "growth_for",
+    "follows_anatomy", "within_reach", "plan_fronts", "region_from_clicks", "interpolate_masks",
+    "FOLLOW_ANATOMY", "REACH_FRACTION",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,7 +63,6 @@ FOLLOW_ANATOMY = 2.0  # learned reach (seed diameters) from which a front follow
 # train patients 95-97 (bench/propagate_reach.py --follow-anatomy): it gave the cord 0.24 -> 0.54 and the esophagus
 # 0.34 -> 0.41, and cost the compact organs (reach <= 1.2: brainstem, parotids, larynx, mandible) 0.03-0.07
 REACH_FRACTION = 1.0  # of a structure's learned reach; chosen on OpenKBP train patients (bench/propagate_reach.py)
-OUTSIDE = -20.0  # logit written where a crop did not reach
 
 
 @dataclass(frozen=True)
@@ -143,108 +140,7 @@ class PropagationSettings:
             raise ValueError(f"window must be (lower, upper) with upper > lower, got {self.window}")
 
 
-# --- crop geometry ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CropWindow:
-    """A square of ``side`` native pixels with top-left corner (y0, x0); it may reach past the image."""
-
-    y0: int
-    x0: int
-    side: int
-
-
-def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) inclusive bounds of a 2-D mask, None when empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
-
-
-def crop_window(box: tuple[int, int, int, int], factor: float = 2.0, min_side: int = 24, snap: int = 1) -> CropWindow:
-    """The square of ``factor`` x the box's longer side (at least ``min_side``), centred on the box."""
-    x0, y0, x1, y1 = box
-    side = max(int(np.ceil(factor * max(x1 - x0 + 1, y1 - y0 + 1))), min_side)
-    side = -(-side // snap) * snap
-    cx, cy = (x0 + x1 + 1) / 2.0, (y0 + y1 + 1) / 2.0  # centre in pixel-edge coordinates
-    return CropWindow(y0=int(round((cy - side / 2) / snap)) * snap, x0=int(round((cx - side / 2) / snap)) * snap,
-                      side=side)
-
-
-def crop_image(image: np.ndarray, window: CropWindow, size: int, fill: float = 0.0) -> np.ndarray:
-    """The window of a 2-D image (``fill`` outside it) resized to ``size`` x ``size``, float32."""
-    out = np.full((window.side, window.side), fill, np.float32)
-    h, w = image.shape
-    ys, xs = max(window.y0, 0), max(window.x0, 0)
-    ye, xe = min(window.y0 + window.side, h), min(window.x0 + window.side, w)
-    if ye > ys and xe > xs:
-        out[ys - window.y0:ye - window.y0, xs - window.x0:xe - window.x0] = image[ys:ye, xs:xe]
-    interpolation = cv2.INTER_AREA if window.side > size else cv2.INTER_LINEAR
-    return cv2.resize(out, (size, size), interpolation=interpolation)
-
-
-def box_to_input(box: tuple[int, int, int, int], window: CropWindow, size: int) -> tuple[float, float, float, float]:
-    """A native box in the engine input's pixel indices (each native pixel covers ``size/side`` input pixels)."""
-    s = size / window.side
-    x0, y0, x1, y1 = box
-    return ((x0 - window.x0) * s, (y0 - window.y0) * s, (x1 + 1 - window.x0) * s - 1, (y1 + 1 - window.y0) * s - 1)
-
-
-def points_to_input(points_yx: np.ndarray, window: CropWindow, size: int) -> np.ndarray:
-    """(K, 2) native (y, x) pixel indices -> (K, 2) input (x, y) at the pixels' centres."""
-    s = size / window.side
-    pts = np.asarray(points_yx, float).reshape(-1, 2)
-    return np.stack([(pts[:, 1] + 0.5 - window.x0) * s - 0.5, (pts[:, 0] + 0.5 - window.y0) * s - 0.5], axis=1)
-
-
-def logits_to_native(logits: np.ndarray, window: CropWindow, shape: tuple[int, int]) -> np.ndarray:
-    """Engine logits on a crop -> a full native slice of logits (``OUTSIDE`` where the crop did not reach)."""
-    resized = cv2.resize(logits.astype(np.float32), (window.side, window.side), interpolation=cv2.INTER_LINEAR)
-    out = np.full(shape, OUTSIDE, np.float32)
-    h, w = shape
-    ys, xs = max(window.y0, 0), max(window.x0, 0)
-    ye, xe = min(window.y0 + window.side, h), min(window.x0 + window.side, w)
-    if ye > ys and xe > xs:
-        out[ys:ye, xs:xe] = resized[ys - window.y0:ye - window.y0, xs - window.x0:xe - window.x0]
-    return out
-
-
-def normalise(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    lo, hi = window
-    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-
-
 # --- prompts and stop criteria ------------------------------------------------------------------------------
-
-
-def box_fill(mask: np.ndarray) -> float:
-    """The fraction of its bounding box a 2-D mask covers (0 when empty): below ~0.45 one box describes the shape
-    badly (OpenKBP train slices: a mandible's median 0.18, the other six organs' 0.65-0.83, 2 % of parotid slices
-    below 0.45)."""
-    box = box_of(mask)
-    if box is None:
-        return 0.0
-    x0, y0, x1, y1 = box
-    return float(mask.sum()) / float((x1 - x0 + 1) * (y1 - y0 + 1))
-
-
-def interior_points(mask: np.ndarray, max_points: int = 3, poor_fill: float = 0.45) -> np.ndarray:
-    """(K, 2) (y, x) clicks deep inside a 2-D mask: the deepest pixel, plus farthest-apart deep pixels when the
-    mask fills less than ``poor_fill`` of its box (one box describes such a shape badly)."""
-    if not mask.any():
-        return np.zeros((0, 2), int)
-    depth = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    chosen = [np.unravel_index(int(np.argmax(depth)), mask.shape)]
-    if box_fill(mask) < poor_fill and max_points > 1:
-        deep = np.argwhere(depth >= max(1.0, 0.5 * depth.max()))
-        for _ in range(max_points - 1):
-            gap = np.min(np.linalg.norm(deep[:, None, :] - np.asarray(chosen)[None], axis=2), axis=1)
-            if gap.max() < 2:
-                break
-            chosen.append(tuple(deep[int(np.argmax(gap))]))
-    return np.asarray(chosen, int)
 
 
 def keep_connected(mask: np.ndarray, previous: np.ndarray) -> np.ndarray:
@@ -340,112 +236,6 @@ def _seed_logits(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, 8.0, -8.0).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class ReachLaw:
-    """How far a known structure reaches from its middle slice, given that slice's size: ``half_mm`` x (seed
-    diameter / ``diameter_mm``) ** ``exponent`` mm each way, fitted over a training set (:func:`fit_reach_law`).
-
-    One ratio to the seed's diameter (exponent 1, ``max_travel``) describes long and compact structures badly: on
-    the OpenKBP train split the half-length of a brainstem, cord or mandible varies less in mm than in seed
-    diameters (log-sd 0.27 vs 0.30, 0.23 vs 0.28, 0.24 vs 0.47; a horseshoe's middle-slice area says little about
-    its height) while a larynx's grows faster than its diameter (fitted exponents: mandible -0.55, cord 0.07,
-    brainstem 0.21, parotids 0.46-0.55, larynx 1.47)."""
-
-    half_mm: float  # half the z extent of a structure whose middle slice has the reference diameter
-    diameter_mm: float  # the reference: the median middle-slice equivalent diameter of the training set
-    exponent: float
-
-    def half_extent_mm(self, diameter_mm: float) -> float:
-        return self.half_mm * (max(diameter_mm, 1e-3) / self.diameter_mm) ** self.exponent
-
-    def scaled(self, fraction: float) -> ReachLaw:
-        return ReachLaw(self.half_mm * fraction, self.diameter_mm, self.exponent)
-
-
-def equivalent_diameter_mm(mask: np.ndarray, spacing_xyz: Sequence[float]) -> float:
-    """The diameter of a disc of a 2-D mask's area, in mm."""
-    sx, sy = float(spacing_xyz[0]), float(spacing_xyz[1])
-    return float(2.0 * np.sqrt(float(mask.sum()) * sx * sy / np.pi))
-
-
-def reach(mask: np.ndarray, spacing_xyz: Sequence[float], max_travel: float | ReachLaw) -> int:
-    """Slices an outward front may travel from a seed ``mask`` (2-D): ``max_travel`` x the diameter of a disc of
-    the mask's area, in mm (or what a :class:`ReachLaw` gives for that diameter), over the slice spacing; at least
-    one slice."""
-    diameter_mm = equivalent_diameter_mm(mask, spacing_xyz)
-    mm = max_travel.half_extent_mm(diameter_mm) if isinstance(max_travel, ReachLaw) else max_travel * diameter_mm
-    return max(1, int(round(mm / float(spacing_xyz[2]))))
-
-
-def middle_slice_extent(mask: np.ndarray, spacing_xyz: Sequence[float]) -> tuple[float, float] | None:
-    """(equivalent diameter of the middle slice, half the z extent), both in mm, of a 3-D mask; None when empty.
-    The middle slice is the contoured slice nearest the middle of the extent, as a seed-mode seed is chosen."""
-    zs = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-    if zs.size == 0:
-        return None
-    middle = int(zs[np.argmin(np.abs(zs - (zs[0] + zs[-1]) / 2.0))])
-    return equivalent_diameter_mm(mask[middle], spacing_xyz), float((zs[-1] - zs[0]) / 2.0 * float(spacing_xyz[2]))
-
-
-def learned_reach(mask: np.ndarray, spacing_xyz: Sequence[float]) -> float | None:
-    """How far a structure (3-D mask) reaches from its middle slice, in equivalent diameters of that slice: the
-    mean of its extents above and below, in mm, over the diameter of a disc of the middle slice's area (the unit of
-    ``max_travel``). None when empty. Its median over a training set is what a fine-tuned package learns."""
-    extent = middle_slice_extent(mask, spacing_xyz)
-    return None if extent is None else extent[1] / extent[0]
-
-
-MIN_LAW_CASES = 10  # fewer training cases: no ReachLaw, the median learned_reach bounds the structure
-
-
-def fit_reach_law(extents: Sequence[tuple[float, float]], exponent_bounds: tuple[float, float] = (-1.0, 2.0)
-                  ) -> ReachLaw | None:
-    """The :class:`ReachLaw` of (middle-slice diameter, half extent) pairs in mm (:func:`middle_slice_extent` over
-    a training set): least squares of log half extent on log diameter, the exponent clipped to
-    ``exponent_bounds``. None below :data:`MIN_LAW_CASES` usable pairs (single-slice structures have no extent)."""
-    pairs = np.asarray([(d, h) for d, h in extents if d > 0 and h > 0], float).reshape(-1, 2)
-    if len(pairs) < MIN_LAW_CASES:
-        return None
-    log_d, log_h = np.log(pairs[:, 0]), np.log(pairs[:, 1])
-    reference = float(np.median(pairs[:, 0]))
-    exponent = float(np.polyfit(log_d, log_h, 1)[0]) if np.ptp(log_d) > 0 else 0.0
-    exponent = float(np.clip(exponent, *exponent_bounds))
-    # the line through the means with the (clipped) slope, read at the reference diameter
-    half = float(np.exp(log_h.mean() + exponent * (np.log(reference) - log_d.mean())))
-    return ReachLaw(round(half, 2), round(reference, 2), round(exponent, 3))
-
-
-def learn_reach(extents: Sequence[tuple[float, float]]) -> tuple[float, ReachLaw | None]:
-    """What a package learns of one structure from its training cases' :func:`middle_slice_extent` pairs (a
-    non-empty list): the median :func:`learned_reach` (in middle-slice diameters, rounded as stored) and, with
-    enough cases, its :class:`ReachLaw`."""
-    return round(float(np.median([h / d for d, h in extents])), 3), fit_reach_law(extents)
-
-
-def learned_growth(mask: np.ndarray) -> float | None:
-    """The largest factor by which a structure's (3-D mask) area grows from one slice to the next going outward
-    from its middle slice, as a seeded front meets it (the previous area at least 4 pixels, as in
-    :func:`stop_reason`); None when it spans fewer than two slices."""
-    areas = mask.reshape(mask.shape[0], -1).sum(axis=1).astype(float)
-    zs = np.flatnonzero(areas)
-    if zs.size == 0 or zs[-1] == zs[0]:
-        return None
-    areas = areas[zs[0]:zs[-1] + 1]
-    middle = int(np.argmin(np.abs(np.arange(len(areas)) - (len(areas) - 1) / 2.0)))
-    up = areas[middle + 1:] / np.maximum(areas[middle:-1], 4)
-    down = areas[:middle][::-1] / np.maximum(areas[1:middle + 1][::-1], 4)
-    return float(np.concatenate([up, down]).max())
-
-
-def learn_growth(values: Sequence[float]) -> float:
-    """What a package learns of one structure's growth from its training cases' :func:`learned_growth` values (a
-    non-empty list): the largest, rounded as stored. Not a percentile: decoded masks grow more unevenly than
-    contours, and on 30 OpenKBP train mandibles (1.5.0, none of its on-policy cases) a limit of 2 (max_growth) gave
-    0.719 mean Dice, the 95th percentile (2.61) 0.742, 3.0 0.758, 4.0 0.770 (the largest is 4.46); on
-    bench/propagate.py's seven train patients the largest changed nothing else."""
-    return round(float(max(values)), 2)
-
-
 def growth_for(name: str, engine: object, settings: PropagationSettings) -> float:
     """The growth from one slice to the next that stops structure ``name``'s fronts: the larger of ``max_growth``
     and what the engine learned of it (``structure_growth``, by lower-cased name) when ``use_learned_growth``. Only
@@ -453,58 +243,6 @@ def growth_for(name: str, engine: object, settings: PropagationSettings) -> floa
     learned = (getattr(engine, "structure_growth", None) or {}).get(name.lower()) if settings.use_learned_growth \
         else None
     return settings.max_growth if learned is None else max(settings.max_growth, learned)
-
-
-@dataclass(frozen=True)
-class Abutment:
-    """Where a known structure ends beside another: its end facing ``other`` lies ``gap_mm`` (slice to slice: one
-    slice apart is the slice spacing) short of ``other``'s end facing it. A convention of contouring, learned from
-    training contours where it holds (:func:`fit_abutments`): in the 155 OpenKBP train patients with both, the
-    spinal cord's cranial end is the slice below the brainstem's caudal end (median 2.5 mm, 90 % within 2.5 mm of
-    it), which no reach law knows (a cord's half-length varies by a quarter)."""
-
-    other: str  # the other structure: its name (lower-cased) in a package, its seed key in abut()
-    gap_mm: float
-
-
-ABUTMENT_TOLERANCE_MM = 5.0  # 90 % of a pair's training gaps within this of their median, or no abutment
-
-
-def facing_gap_mm(a: np.ndarray, b: np.ndarray, slice_mm: float) -> float | None:
-    """mm from 3-D mask ``a``'s end slice facing ``b`` to ``b``'s end slice facing ``a`` (which ends face each other
-    is decided by the middles of their z extents); negative where they overlap, None when either is empty."""
-    za, zb = (np.flatnonzero(m.reshape(m.shape[0], -1).any(axis=1)) for m in (a, b))
-    if za.size == 0 or zb.size == 0:
-        return None
-    gap = zb[0] - za[-1] if zb[0] + zb[-1] > za[0] + za[-1] else za[0] - zb[-1]
-    return float(gap * slice_mm)
-
-
-def pair_gaps(masks: Mapping[str, np.ndarray], slice_mm: float) -> dict[tuple[str, str], float]:
-    """:func:`facing_gap_mm` of every pair of one case's 3-D masks (by name, in the mapping's order), skipping
-    empty ones: a case's measurements for :func:`fit_abutments`."""
-    names = list(masks)
-    return {(a, b): g for i, a in enumerate(names) for b in names[i + 1:]
-            if (g := facing_gap_mm(masks[a], masks[b], slice_mm)) is not None}
-
-
-def fit_abutments(gaps: Mapping[tuple[str, str], Sequence[float]], half_mm: Mapping[str, float],
-                  tolerance_mm: float = ABUTMENT_TOLERANCE_MM) -> dict[str, Abutment]:
-    """Abutments of structure pairs whose training gaps (:func:`facing_gap_mm` by (name, name); at least
-    :data:`MIN_LAW_CASES` cases) keep within ``tolerance_mm`` of their median in 90 % of cases. Of a pair, the
-    structure that runs further from its middle (``half_mm``, e.g. the reach law's) is bounded by the other: end
-    errors grow with length, so the shorter structure's predicted end is the better anchor."""
-    out: dict[str, Abutment] = {}
-    for (a, b), values in sorted(gaps.items()):
-        g = np.asarray(values, float)
-        if len(g) < MIN_LAW_CASES or a == b:
-            continue
-        median = float(np.median(g))
-        if np.percentile(np.abs(g - median), 90) > tolerance_mm:
-            continue
-        longer, shorter = (a, b) if half_mm.get(a, 0.0) >= half_mm.get(b, 0.0) else (b, a)
-        out.setdefault(longer, Abutment(shorter.lower(), round(median, 2)))
-    return out
 
 
 def abut(seeds: Mapping[str, Seed], abutments: Mapping[str, Abutment], slice_mm: float,
@@ -866,19 +604,6 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
         results[f.key].stops.append(f"{'up' if f.step > 0 else 'down'} from {f.start}: {f.stop}")
     log.debug("propagation: %d encodings computed, %d reused", cache.misses, cache.hits)
     return results
-
-
-def reusable_window(windows: Sequence[CropWindow], box: tuple[int, int, int, int], ideal: CropWindow,
-                    tolerance: float, margin: int = 2) -> CropWindow | None:
-    """Of ``windows``, one holding ``box`` (plus ``margin``) whose side is within ``tolerance`` x the ``ideal``
-    window's, the closest in size; None when ``tolerance`` is 1 or none fits."""
-    if tolerance <= 1:
-        return None
-    x0, y0, x1, y1 = box
-    fits = [w for w in windows if ideal.side / tolerance <= w.side <= ideal.side * tolerance
-            and w.x0 <= x0 - margin and w.y0 <= y0 - margin
-            and x1 + margin < w.x0 + w.side and y1 + margin < w.y0 + w.side]
-    return min(fits, key=lambda w: abs(np.log(w.side / ideal.side)), default=None)
 
 
 def segment_slices(engine: PromptEngine, image: np.ndarray, truth: np.ndarray,

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from models.errors import EngineError, ModelInputError
 from models.prompting import Prompt
-from models.propagate import PropagationSettings, Seed, StructureResult, keep_connected, normalise, stop_reason
+from models.crops import normalise
+from models.propagate import PropagationSettings, Seed, StructureResult, keep_connected, stop_reason
 from models.sam2_checkpoint import package_dir, read_config, resolve_checkpoint
 
 __all__ = ["Sam2Engine", "build_predictor", "ARCHITECTURE"]

@@ -19,7 +19,8 @@ from models.finetune import (CropItem, decode_logits, item_box, item_crop, item_
                              segmentation_loss)
 from models.package import load_package, write_manifest
 from models.prompting import Prompt, load_engine
-from models.propagate import PropagationSettings, box_of, crop_window
+from models.crops import box_of, crop_window
+from models.propagate import PropagationSettings
 
 LABELS = [{"name": "Parotid_R", "source_names": ["RightParotid"]}, {"name": "Brainstem", "source_names": ["BrainStem"]}]
 
@@ -82,7 +83,8 @@ def _manifest_and_training_cases(tmp):
 
 def test_the_package_records_how_far_each_structure_reaches_and_the_engine_uses_it(run):
     """Each label's reach is the median over the training cases of learned_reach, recomputed from their masks."""
-    from models.propagate import learned_reach, travel_for
+    from models.extent import learned_reach
+    from models.propagate import travel_for
 
     tmp, _ = run
     manifest, cases = _manifest_and_training_cases(tmp)
@@ -95,7 +97,7 @@ def test_the_package_records_how_far_each_structure_reaches_and_the_engine_uses_
         pytest.approx(0.5 * manifest.labels[0].reach)
     assert travel_for("RightParotid", engine, PropagationSettings()) == travel_for("Parotid_R", engine,
                                                                                    PropagationSettings())
-    # two training cases are too few to fit a reach law (models.propagate.MIN_LAW_CASES) ...
+    # two training cases are too few to fit a reach law (models.extent.MIN_LAW_CASES) ...
     assert all(label.reach_law is None for label in manifest.labels)
     assert "reach_law" in manifest.training["train"]
 
@@ -103,7 +105,8 @@ def test_the_package_records_how_far_each_structure_reaches_and_the_engine_uses_
 def test_the_package_records_how_much_each_structure_grows_and_the_engine_uses_it(run):
     """Each label's growth is the largest over the training cases of learned_growth, recomputed from their masks;
     the engine's leak guard for that structure (growth_for), by every name, is never below max_growth."""
-    from models.propagate import growth_for, learned_growth
+    from models.extent import learned_growth
+    from models.propagate import growth_for
 
     tmp, _ = run
     manifest, cases = _manifest_and_training_cases(tmp)
@@ -121,7 +124,8 @@ def test_the_package_records_how_much_each_structure_grows_and_the_engine_uses_i
 def test_a_package_with_a_reach_law_bounds_its_structure_by_it(run, tmp_path):
     """... a package whose manifest has one (as the shipped hn-litemedsam) hands it to the engine, by every name."""
     from models.package import ReachLawSpec
-    from models.propagate import ReachLaw, travel_for
+    from models.extent import ReachLaw
+    from models.propagate import travel_for
 
     tmp, _ = run
     package = tmp_path / "hn-litemedsam"
@@ -144,7 +148,8 @@ def test_a_package_with_an_abutment_hands_it_to_the_engine_and_refuses_a_strange
     the package does not have is refused when the package loads."""
     from models.errors import ModelPackageError
     from models.package import AbutmentSpec
-    from models.propagate import Abutment, abutments_for
+    from models.extent import Abutment
+    from models.propagate import abutments_for
 
     tmp, _ = run
     package = tmp_path / "hn-litemedsam"

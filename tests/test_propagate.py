@@ -8,13 +8,13 @@ import pytest
 
 from factories import load_openkbp
 from models.errors import EngineError, ModelInputError
-from models.propagate import (
-    CropWindow, PropagationSettings, Seed, box_of, box_to_input, crop_image, crop_window, interior_points,
-    interpolate_masks, keep_connected, logits_to_native, plan_fronts, points_to_input, propagate, reach,
-    region_from_clicks, stop_reason, travel_for, within_reach, learned_reach, anatomy_shift, follows_anatomy,
-    Abutment, abut, abutments_for, box_fill, facing_gap_mm, fit_abutments,
-    ReachLaw, fit_reach_law, middle_slice_extent, MIN_LAW_CASES, learned_growth, learn_growth, growth_for,
-)
+from models.crops import (CropWindow, box_of, box_to_input, crop_image, crop_window, interior_points, logits_to_native,
+                          points_to_input, box_fill)
+from models.extent import (reach, learned_reach, Abutment, facing_gap_mm, fit_abutments, ReachLaw, fit_reach_law,
+                           middle_slice_extent, MIN_LAW_CASES, learned_growth, learn_growth)
+from models.propagate import (PropagationSettings, Seed, interpolate_masks, keep_connected, plan_fronts, propagate,
+                              region_from_clicks, stop_reason, travel_for, within_reach, anatomy_shift, follows_anatomy,
+                              abut, abutments_for, growth_for)
 from pipeline_checks import dice
 
 SETTINGS = PropagationSettings()
@@ -524,7 +524,7 @@ def test_on_cpu_box_prompts_decode_in_onnx_runtime_with_torchs_logits(engine, ca
     are torch's (same weights, no quantisation), and point prompts still take the torch path."""
     from models.litemedsam import LiteMedSamEngine
     from models.prompting import Prompt
-    from models.propagate import normalise
+    from models.crops import normalise
 
     assert engine.backend == "onnxruntime" and engine._box_session is not None
     in_torch = LiteMedSamEngine(engine.net, engine.version, backend="torch")
