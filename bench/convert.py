@@ -124,7 +124,7 @@ def main() -> None:
         for name, values in rows.items():
             t = statistics.median(values)
             print(f"{name:<30}{t:>10.2f}{t / reference:>19.2f}x{t / image:>19.2f}x")
-        print(f"target: image part <= 1.5x dcm2niix; contours <= 1.0x the image part")
+        print("target: image part <= 1.5x dcm2niix; contours <= 1.0x the image part")
         print("\nthroughput (convert_inputs, in-process, CT + RTSTRUCT -> NPZ):")
         for workers in (1, 2):
             out = work / f"out{workers}"

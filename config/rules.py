@@ -18,7 +18,7 @@ from pydicom.datadict import tag_for_keyword
 
 from config.node import ConfigError, NodeConfig, format_validation_errors
 
-__all__ = ["Condition", "Match", "RunStep", "Rule", "RulesConfig", "load_rules", "parse_rules", "REPLY",
+__all__ = ["Condition", "RunStep", "Rule", "RulesConfig", "load_rules", "parse_rules", "REPLY",
            "SERIES_FACTS"]
 
 REPLY = "reply"

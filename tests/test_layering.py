@@ -45,3 +45,31 @@ def test_only_models_imports_torch(package):
 def test_generic_top_level_names_import_from_this_repository(package):
     module = importlib.import_module(package)
     assert Path(module.__file__).resolve().is_relative_to(REPO)
+
+
+def test_no_undefined_names_or_unused_imports():
+    """pyflakes over the code: an undefined name (one in ``__all__`` that no longer exists, say) fails here rather
+    than at a user's ``import *``; a line marked ``noqa`` (a deliberate re-export) is left alone."""
+    from pyflakes.api import checkPath
+    from pyflakes.reporter import Reporter
+
+    class Collect(Reporter):
+        def __init__(self) -> None:
+            self.found: list[str] = []
+
+        def flake(self, message) -> None:
+            line = Path(message.filename).read_text().splitlines()[message.lineno - 1]
+            if "noqa" not in line:
+                self.found.append(str(message))
+
+        def unexpectedError(self, filename, msg) -> None:
+            self.found.append(f"{filename}: {msg}")
+
+        def syntaxError(self, filename, msg, lineno, offset, text) -> None:
+            self.found.append(f"{filename}:{lineno}: {msg}")
+
+    reporter = Collect()
+    for folder in [*ORDER, "bench", "tests"]:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            checkPath(str(path), reporter)
+    assert reporter.found == []

@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE
 
 from dicom_node.sender import echo, send_files
 from dicom_node.status import Status
