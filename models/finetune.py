@@ -48,7 +48,7 @@ from models.package import ModelPackage, write_package
 from models.crops import CropWindow, box_of, box_to_input, crop_image, crop_window, logits_to_native, normalise
 from models.extent import fit_abutments, learn_growth, learn_reach, learned_growth, middle_slice_extent, pair_gaps
 from models.propagate import PropagationSettings
-from models.train import npz_keymap, run_case_paths, training_device
+from models.train import npz_keymap, out_of_time, restore_last, save_last, start_run
 
 __all__ = ["CropItem", "CropSet", "FinetuneResult", "PROMPT_KINDS", "sample_items", "item_crop", "item_box",
            "decode_logits", "segmentation_loss", "native_dice", "build_cache", "unpack_native", "validate", "finetune",
@@ -441,13 +441,9 @@ def _progress(cfg: FinetuneConfig, iterable: Iterable[Any], desc: str) -> Any:
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Cache the crops' embeddings, then train (or resume) as configured; writes the run folder and the package."""
-    device = training_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    train_paths, val_paths = run_case_paths(cfg.data)
+    run = start_run(cfg)
+    device, out, ckpt_dir = run.device, run.out, run.checkpoints
+    train_paths, val_paths = run.train_paths, run.val_paths
     engine = LiteMedSamEngine.load(None, device)
     train, train_stats = build_cache(train_paths, "train", out, cfg, engine, cfg.data.slices_per_structure,
                                       cfg.data.neighbour_window_fraction)
@@ -465,20 +461,15 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
     start_epoch, best_score, best_epoch = 0, -1.0, -1
-    last = ckpt_dir / "last.pt"
-    if cfg.resume and last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
+    if cfg.resume and run.last.is_file():
+        state = torch.load(run.last, map_location=device, weights_only=False)
         if state["labels"] != names or state["train_parts"] != list(cfg.train_parts):
-            raise TrainingError(f"{last}: checkpoint labels/parts {state['labels']}/{state['train_parts']} differ "
-                                f"from the config's {names}/{list(cfg.train_parts)}")
+            raise TrainingError(f"{run.last}: checkpoint labels/parts {state['labels']}/{state['train_parts']} "
+                                f"differ from the config's {names}/{list(cfg.train_parts)}")
         net.load_state_dict({**net.state_dict(), **state["model"]})
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history = restore_last(state, opt, sched, rng)
         best_score, best_epoch = state["best_score"], state["best_epoch"]
-        log.info("resumed from %s at epoch %d", last, start_epoch)
+        log.info("resumed from %s at epoch %d", run.last, start_epoch)
     elif len(val):  # the zero-shot weights on the same validation crops: the baseline every epoch is compared with
         zero = validate(net, val, names, cfg.prompts.box_jitter, device)
         history.append({"epoch": -1, "loss": None, "val": zero, "seconds": 0.0})
@@ -501,17 +492,11 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         row["seconds"] = round(time.monotonic() - te, 1)
         history.append(row)
         log.info("epoch %d: loss %.4f%s", epoch, loss, f", validation {row['val']['mean']}" if "val" in row else "")
-        torch.save({"model": tuned_state(net, cfg.train_parts), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history,
-                    "best_score": best_score, "best_epoch": best_epoch, "labels": names,
-                    "train_parts": list(cfg.train_parts)}, ckpt_dir / "last.tmp")
-        (ckpt_dir / "last.tmp").replace(last)
+        save_last(run, tuned_state(net, cfg.train_parts), opt, sched, rng, epoch, history, best_score=best_score,
+                  best_epoch=best_epoch, labels=names, train_parts=list(cfg.train_parts))
         epoch_times.append(time.monotonic() - te)
-        if cfg.time_limit_minutes and epoch + 1 < cfg.epochs:
-            if time.monotonic() - t0 + max(epoch_times) > cfg.time_limit_minutes * 60:
-                log.warning("time limit reached after epoch %d; resume to continue", epoch)
-                break
+        if out_of_time(cfg.time_limit_minutes, t0, epoch_times, epoch, cfg.epochs):
+            break
     (out / "history.json").write_text(json.dumps(history, indent=1))
     _plot_curve(history, out / "curve.png")
     if not len(val):  # nothing to select on: ship the last weights

@@ -33,7 +33,8 @@ from models.networks import build_network, expand_input_weights
 from models.organs import normalise, resample, resolve_device
 from models.package import Intensity, Manifest, ModelPackage, write_package
 
-__all__ = ["PreparedCase", "TrainResult", "manifest_fields", "masked_loss", "prepare_case", "train"]
+__all__ = ["PreparedCase", "TrainResult", "manifest_fields", "masked_loss", "prepare_case", "train",
+           "RunFolder", "start_run", "save_last", "restore_last", "out_of_time"]
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,67 @@ def training_device(choice: str) -> str:
         raise TrainingError(str(exc)) from exc
 
 
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a resumable training run writes: ``out`` (history, curve, package) and ``checkpoints/``."""
+
+    device: str
+    out: Path
+    checkpoints: Path
+    train_paths: list[Path]
+    val_paths: list[Path]
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+
+def start_run(cfg: Any) -> RunFolder:
+    """Device, threads and folders of a run (organ training or fine-tuning: both configs carry ``device``,
+    ``threads``, ``output_dir`` and ``data``)."""
+    device = training_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    train_paths, val_paths = run_case_paths(cfg.data)
+    return RunFolder(device, out, out / "checkpoints", train_paths, val_paths)
+
+
+def save_last(run: RunFolder, model_state: dict[str, Any], opt: torch.optim.Optimizer, sched: Any,
+              rng: np.random.Generator, epoch: int, history: list[dict[str, Any]], **extra: Any) -> None:
+    """Everything a resume needs after ``epoch``, written atomically to ``last.pt`` (a run stopped while writing
+    keeps the previous epoch's)."""
+    tmp = run.checkpoints / "last.tmp"
+    torch.save({"model": model_state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                "history": history, **extra}, tmp)
+    tmp.replace(run.last)
+
+
+def restore_last(state: dict[str, Any], opt: torch.optim.Optimizer, sched: Any,
+                 rng: np.random.Generator) -> tuple[int, list[dict[str, Any]]]:
+    """Optimiser, schedule and random states from a :func:`save_last` checkpoint; (next epoch, history). The
+    model's weights are the caller's to load (a fine-tuning run holds only the tuned parts)."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"] + 1, state["history"]
+
+
+def out_of_time(limit_minutes: float | None, started: float, epoch_times: list[float], epoch: int,
+                epochs: int) -> bool:
+    """Whether a run with a time limit should stop after ``epoch``: another epoch as long as the longest so far
+    would pass the limit (a later resume continues)."""
+    if not limit_minutes or epoch + 1 >= epochs:
+        return False
+    if time.monotonic() - started + max(epoch_times) > limit_minutes * 60:
+        log.warning("time limit reached after epoch %d; resume to continue", epoch)
+        return True
+    return False
+
+
 def _plot_curve(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -373,16 +435,11 @@ def _initial_weights(cfg: TrainingConfig, target: dict[str, torch.Tensor] | None
 
 def train(cfg: TrainingConfig) -> TrainResult:
     """Run (or resume) training as configured; writes the run folder and returns the model package."""
-    device = training_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    train_paths, val_paths = run_case_paths(cfg.data)
+    run = start_run(cfg)
+    device, out, ckpt_dir = run.device, run.out, run.checkpoints
     t0 = time.monotonic()
-    train_cases = [c for c in _prepare_all(train_paths, cfg) if c.present.any()]
-    val_cases = _prepare_all(val_paths, cfg)
+    train_cases = [c for c in _prepare_all(run.train_paths, cfg) if c.present.any()]
+    val_cases = _prepare_all(run.val_paths, cfg)
     if not train_cases:
         raise TrainingError("no training case holds any of the configured structures")
     log.info("prepared %d training and %d validation cases in %.0f s", len(train_cases), len(val_cases),
@@ -397,19 +454,14 @@ def train(cfg: TrainingConfig) -> TrainResult:
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
     start_epoch, best_dice, best_epoch = 0, -1.0, -1
-    last = ckpt_dir / "last.pt"
-    if cfg.resume and last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
+    if cfg.resume and run.last.is_file():
+        state = torch.load(run.last, map_location=device, weights_only=False)
         if state["labels"] != [lab.name for lab in cfg.labels]:
-            raise TrainingError(f"{last}: checkpoint labels {state['labels']} differ from the config's")
+            raise TrainingError(f"{run.last}: checkpoint labels {state['labels']} differ from the config's")
         net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history = restore_last(state, opt, sched, rng)
         best_dice, best_epoch = state["best_dice"], state["best_epoch"]
-        log.info("resumed from %s at epoch %d", last, start_epoch)
+        log.info("resumed from %s at epoch %d", run.last, start_epoch)
     elif cfg.init_from:
         net.load_state_dict(_initial_weights(cfg, net.state_dict()))
         log.info("starting from the weights of %s", cfg.init_from)
@@ -458,16 +510,11 @@ def train(cfg: TrainingConfig) -> TrainResult:
                 torch.save(net.state_dict(), ckpt_dir / "best.pt")
         history.append(row)
         log.info("epoch %d: %s", epoch, {k: v for k, v in row.items() if k != "val_dice"})
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                    "history": history, "best_dice": best_dice, "best_epoch": best_epoch,
-                    "labels": [lab.name for lab in cfg.labels]}, ckpt_dir / "last.tmp")
-        (ckpt_dir / "last.tmp").replace(last)
+        save_last(run, net.state_dict(), opt, sched, rng, epoch, history, best_dice=best_dice, best_epoch=best_epoch,
+                  labels=[lab.name for lab in cfg.labels])
         epoch_times.append(time.monotonic() - te)
-        if cfg.time_limit_minutes and epoch + 1 < cfg.epochs:
-            if time.monotonic() - t0 + max(epoch_times) > cfg.time_limit_minutes * 60:
-                log.warning("time limit reached after epoch %d; resume to continue", epoch)
-                break
+        if out_of_time(cfg.time_limit_minutes, t0, epoch_times, epoch, cfg.epochs):
+            break
     (out / "history.json").write_text(json.dumps(history, indent=1))
     _plot_curve(history, out / "curve.png")
     if best_epoch < 0:  # no validation set: ship the last weights

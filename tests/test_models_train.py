@@ -234,3 +234,15 @@ def test_patches_reach_past_the_volume_ends_with_repeated_end_slices():
     assert centres == set(range(6))
     img, _ = _sample_patch(case, (5, 4, 4), np.random.default_rng(0), np.array([0, 2, 2]))  # no margin: inside
     assert img[:, 0, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_time_limit_stops_before_an_epoch_that_would_pass_it():
+    import time
+
+    from models.train import out_of_time
+
+    started = time.monotonic() - 50  # 50 s into a 1-minute run, epochs of up to 20 s
+    assert out_of_time(1, started, [12.0, 20.0], epoch=1, epochs=5)
+    assert not out_of_time(2, started, [12.0, 20.0], epoch=1, epochs=5)
+    assert not out_of_time(1, started, [12.0, 20.0], epoch=4, epochs=5)  # the last epoch: nothing left to stop
+    assert not out_of_time(None, started, [12.0, 20.0], epoch=1, epochs=5)
