@@ -24,7 +24,7 @@ from pipeline_checks import dciodvfy_errors, dice, plastimatch_masks, save
 
 # Measured on this very slab (validation patient 0, rigid registration): registration alone Dice 0.966, propagation
 # alone 0.635, the fusion at min_agreement 0.9 0.966 (the default 1 returns registration alone), the unmoved prior
-# 0.598 (README, "Prior mode").
+# 0.598 (models/zoo/hn-litemedsam/README.md, "Prior mode measurements").
 # 0.85 leaves room for CPU-dependent rounding in registration and decoding, not for a different method.
 MIN_DICE = 0.85
 
