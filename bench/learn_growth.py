@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from models.data import LabelSource, read_npz
-    from models.package import load_package, write_manifest
     from models.extent import learn_growth, learned_growth
+    from models.package import load_package, write_manifest
 
     base = load_package(Path(args.source))
     labels = [LabelSource(lab.name, tuple(lab.source_names)) for lab in base.manifest.labels]

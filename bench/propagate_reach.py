@@ -149,8 +149,8 @@ def main() -> None:
 
     from models.data import read_npz
     from models.evaluate_propagation import HN_ORGANS, seed_slices
-    from models.prompting import load_engine
     from models.extent import reach
+    from models.prompting import load_engine
     from models.propagate import EncodingCache, PropagationSettings, Seed, propagate
 
     if args.extent_only:

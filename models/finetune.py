@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from config.finetune import FinetuneConfig, PromptMix
+from models.crops import CropWindow, box_of, box_to_input, crop_image, crop_window, logits_to_native, normalise
 from models.data import KeyMap, LabelSource, read_npz
 from models.errors import TrainingError
+from models.extent import fit_abutments, learn_growth, learn_reach, learned_growth, middle_slice_extent, pair_gaps
 from models.litemedsam import ARCHITECTURE, INPUT_SIZE, LiteMedSamEngine, base_reference
 from models.package import ModelPackage, write_package
-from models.crops import CropWindow, box_of, box_to_input, crop_image, crop_window, logits_to_native, normalise
-from models.extent import fit_abutments, learn_growth, learn_reach, learned_growth, middle_slice_extent, pair_gaps
 from models.propagate import PropagationSettings
 from models.train import npz_keymap, out_of_time, restore_last, save_last, start_run
 

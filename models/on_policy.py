@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from config.finetune import FinetuneConfig, OnPolicy, PromptMix
+from models.crops import CropWindow
 from models.data import KeyMap, LabelSource, read_npz
 from models.errors import TrainingError
 from models.evaluate_propagation import seed_slices
@@ -37,7 +38,6 @@ from models.finetune import (CropSet, decode_logits, freeze_all_but, item_box, i
                              prompt_kinds, segmentation_loss, tuned_state, unpack_native, validate)
 from models.litemedsam import LiteMedSamEngine
 from models.package import MANIFEST_NAME, ModelPackage, load_package, write_package
-from models.crops import CropWindow
 from models.propagate import Decode, EncodingCache, PropagationSettings, Seed, propagate
 from models.train import npz_keymap
 

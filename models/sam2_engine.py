@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.crops import normalise
 from models.errors import EngineError, ModelInputError
 from models.prompting import Prompt
-from models.crops import normalise
 from models.propagate import PropagationSettings, Seed, StructureResult, keep_connected, stop_reason
 from models.sam2_checkpoint import package_dir, read_config, resolve_checkpoint
 

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from dicom_node.cli import app
 from factories import OPENKBP
+from models.crops import box_of, crop_window
 from models.errors import EngineError
 from models.finetune import (CropItem, decode_logits, item_box, item_crop, item_target, sample_items,
                              segmentation_loss)
 from models.package import load_package, write_manifest
 from models.prompting import Prompt, load_engine
-from models.crops import box_of, crop_window
 from models.propagate import PropagationSettings
 
 LABELS = [{"name": "Parotid_R", "source_names": ["RightParotid"]}, {"name": "Brainstem", "source_names": ["BrainStem"]}]
@@ -123,8 +123,8 @@ def test_the_package_records_how_much_each_structure_grows_and_the_engine_uses_i
 
 def test_a_package_with_a_reach_law_bounds_its_structure_by_it(run, tmp_path):
     """... a package whose manifest has one (as the shipped hn-litemedsam) hands it to the engine, by every name."""
-    from models.package import ReachLawSpec
     from models.extent import ReachLaw
+    from models.package import ReachLawSpec
     from models.propagate import travel_for
 
     tmp, _ = run
@@ -147,8 +147,8 @@ def test_a_package_with_an_abutment_hands_it_to_the_engine_and_refuses_a_strange
     shipped hn-litemedsam's cord) gives the engine the rule by all the structure's names; one that names a label
     the package does not have is refused when the package loads."""
     from models.errors import ModelPackageError
-    from models.package import AbutmentSpec
     from models.extent import Abutment
+    from models.package import AbutmentSpec
     from models.propagate import abutments_for
 
     tmp, _ = run
