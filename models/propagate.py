@@ -408,6 +408,8 @@ def _prompt(mask: np.ndarray, logits: np.ndarray | None, clicks: np.ndarray | No
         points, labels = points_to_input(yx, window, size), np.ones(len(yx), np.int64)
     mask_logits = None
     if s.mask_prompt and logits is not None:
+        if shift != (0.0, 0.0):  # the neighbour's mask moves with the anatomy, as its box does
+            logits = ndi.shift(logits, (dy, dx), order=1, mode="constant", cval=OUTSIDE)
         mask_logits = crop_image(logits, window, size, fill=OUTSIDE)
     return Prompt(box=box_to_input(box, window, size), points=points, labels=labels, mask_logits=mask_logits)
 

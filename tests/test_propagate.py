@@ -255,6 +255,25 @@ def test_the_anatomys_motion_between_slices_is_measured_within_a_third_of_a_pixe
     assert anatomy_shift(unrelated, 0, 1, window) == (0.0, 0.0)  # no common anatomy: no motion, not noise
 
 
+
+def test_a_mask_prompt_moves_with_the_anatomy_as_the_box_does():
+    """With ``follow_anatomy`` the neighbour's box is shifted by the image's motion; its mask prompt must be shifted
+    the same way, or box and mask disagree about where the structure is."""
+    from models.propagate import _prompt
+
+    mask = np.zeros((64, 64), bool)
+    mask[28:36, 20:28] = True
+    logits = np.where(mask, 8.0, -8.0).astype(np.float32)
+    window = CropWindow(y0=16, x0=8, side=32)
+    settings = PropagationSettings(mask_prompt=True, box_margin=0)
+    still = _prompt(mask, logits, None, window, 256, settings)
+    moved = _prompt(mask, logits, None, window, 256, settings, shift=(4.0, -2.0))
+    scale = 256 / window.side
+    assert np.allclose(np.subtract(moved.box, still.box), [4 * scale, -2 * scale] * 2)
+    ys, xs = np.nonzero(still.mask_logits > 0)
+    ys2, xs2 = np.nonzero(moved.mask_logits > 0)
+    assert abs((xs2.mean() - xs.mean()) - 4 * scale) < 1 and abs((ys2.mean() - ys.mean()) + 2 * scale) < 1
+
 class _BrightThingEngine:
     """A stand-in segmenter for the propagation logic: the bright pixels inside the prompt box (boxes grown by a
     few input pixels, as SAM's masks are not clipped to the box)."""
