@@ -51,7 +51,9 @@ def read_crops(folder: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="checkpoint", default="hn-litemedsam", help="package to start from")
-    parser.add_argument("--crops", type=Path, required=True, help="a finetune run's cache folder (train/, validation/)")
+    parser.add_argument("--crops", type=Path, help="a finetune run's cache folder (train/, validation/): its crops "
+                        "are mixed in and its validation crops scored; without it only the decodes train "
+                        "(hn-litemedsam 1.7.0)")
     parser.add_argument("--cases-file", type=Path, help="train case names to collect, one per line")
     parser.add_argument("--count", type=int, default=64, help="without --cases-file: this many train cases, drawn "
                                                                 "at random (seed 23) outside --exclude")
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    parser.add_argument("--mask-prompt", type=float, default=0.0, help="fraction of decodes trained with the mask "
+                        "prompt their front offered (0: box only; hn-litemedsam 1.7.0: 0.8)")
     parser.add_argument("--collect-only", action="store_true", help="stop after collecting (a rerun without it "
                         "reuses the collected decodes and trains)")
     args = parser.parse_args()
@@ -104,7 +108,7 @@ def main() -> None:
     import torch
 
     from config.finetune import OnPolicy, PromptMix
-    from models.finetune import freeze_all_but, tuned_state, validate
+    from models.finetune import CropSet, freeze_all_but, tuned_state, validate
     from models.litemedsam import LiteMedSamEngine
     from models.on_policy import decode_dice, read_decodes, round_package, train_pass
     from models.package import find_package, load_package
@@ -114,35 +118,43 @@ def main() -> None:
     shards = sorted(folder / f"{p.stem}.pt" for p in chosen)
     held, used = shards[:args.hold], shards[args.hold:]
     decodes, held_decodes = read_decodes(used), read_decodes(held)
-    crops, val = read_crops(args.crops / "train"), read_crops(args.crops / "validation")
+    if args.crops:
+        crops, val = read_crops(args.crops / "train"), read_crops(args.crops / "validation")
+    else:
+        crops, val = CropSet([], torch.zeros(0, 256, 64, 64, dtype=torch.float16),
+                             torch.zeros(0, 256, 256, dtype=torch.bool), []), None
     print(f"on-policy decodes: {len(decodes)} from {len(used)} cases "
           f"({int((~decodes.targets.flatten(1).any(1)).sum())} past an organ's end), {len(held_decodes)} held from "
           f"{len(held)}; original crops {len(crops)}", flush=True)
 
     base = load_package(args.checkpoint) if Path(args.checkpoint).is_dir() else find_package(args.checkpoint)
     names = [label.name for label in base.manifest.labels]
-    net = LiteMedSamEngine.load(args.checkpoint, "cpu", backend="torch").net
+    engine = LiteMedSamEngine.load(args.checkpoint, "cpu", backend="torch")
+    net, masked = engine.net, engine.mask_prompt or args.mask_prompt > 0
     params = freeze_all_but(net, ["prompt_encoder", "mask_decoder"])
     prompts = PromptMix()  # config/finetune.example.yaml's prompt mix for the original crops
-    scores = {"before": {"held": decode_dice(net, held_decodes), "val": validate(net, val, names, 0.15, "cpu")}}
+    scores = {"before": {"held": decode_dice(net, held_decodes, mask_prompt=engine.mask_prompt),
+                         "val": validate(net, val, names, 0.15, "cpu") if val else None}}
     print(f"before: held on-policy decode Dice {scores['before']['held']:.3f}; validation slices "
-          f"{scores['before']['val']['mean']}", flush=True)
+          f"{scores['before']['val'] and scores['before']['val']['mean']}", flush=True)
     started = time.perf_counter()
-    losses = train_pass(net, params, decodes, crops, prompts, OnPolicy(epochs=args.epochs, lr=args.lr),
+    losses = train_pass(net, params, decodes, crops, prompts,
+                        OnPolicy(epochs=args.epochs, lr=args.lr, mask_prompt=args.mask_prompt),
                         batch_size=8, dice_weight=1.0, seed=0, device="cpu")
-    scores["after"] = {"held": decode_dice(net, held_decodes), "val": validate(net, val, names, 0.15, "cpu")}
+    scores["after"] = {"held": decode_dice(net, held_decodes, mask_prompt=masked),
+                       "val": validate(net, val, names, 0.15, "cpu") if val else None}
     print(f"after: held on-policy decode Dice {scores['after']['held']:.3f}; validation slices "
-          f"{scores['after']['val']['mean']}", flush=True)
+          f"{scores['after']['val'] and scores['after']['val']['mean']}", flush=True)
     rounds = base.manifest.training.get("on_policy", [])
     record = {"round": len(rounds if isinstance(rounds, list) else [rounds]) + 1,
               "from": f"{base.manifest.name} {base.manifest.version}", "base_sha256": base.manifest.weights.sha256,
               "cases": [p.stem for p in used], "held_cases": [p.stem for p in held], "decodes": len(decodes),
-              "supervised_crops": len(crops), "epochs": args.epochs, "lr": args.lr,
+              "supervised_crops": len(crops), "epochs": args.epochs, "lr": args.lr, "mask_prompt": args.mask_prompt,
               "final_loss": float(np.mean(losses[-50:])), "script": "bench/finetune_on_policy.py",
               "seconds": round(time.perf_counter() - started, 1)}
     state = tuned_state(net, ["prompt_encoder", "mask_decoder"])
     package = round_package(base, args.out / "package" / base.manifest.name, state, record, scores, args.version,
-                            "float32")
+                            "float32", mask_prompt=masked)
     print(f"wrote {package.path} ({record['seconds']:.0f} s of training)")
 
 

@@ -95,8 +95,11 @@ def parse_overrides(items: list[str], settings):
         if value.lower() == "none":
             changes[key] = None
             continue
-        if kind is type(None):  # an optional knob that is off by default: a number turns it on
-            changes[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        if kind is type(None):  # an optional knob that is off (or left to the engine) by default
+            if value.lower() in ("true", "false", "yes", "no"):
+                changes[key] = value.lower() in ("true", "yes")
+            else:  # a number turns it on
+                changes[key] = int(value) if value.lstrip("-").isdigit() else float(value)
             continue
         changes[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else (
             tuple(float(v) for v in value.split(",")) if kind is tuple else kind(value))

@@ -81,6 +81,9 @@ class OnPolicy(_Strict):
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay of a round.")
     workers: int = Field(1, ge=1, le=64, description="Cases propagated in parallel, one torch thread each (1: in "
                          "this process with 'threads').")
+    mask_prompt: float = Field(0.0, ge=0, le=1, description="Fraction of decodes trained with the mask prompt "
+                               "their front offered (the last slice's logits) besides the box (0: box only). A "
+                               "package trained with it is given one in propagation.")
 
     @model_validator(mode="after")
     def _some_trained(self) -> "OnPolicy":

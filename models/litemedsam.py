@@ -37,27 +37,33 @@ def _encoder_session(encoder: torch.nn.Module, key: str) -> Any:
 
 
 class _BoxDecoder(torch.nn.Module):
-    """Prompt encoder + mask decoder for one box on one embedding: the decode propagation runs, as one graph."""
+    """Prompt encoder + mask decoder for one box (and a mask prompt, with ``with_mask``) on one embedding: the
+    decode propagation runs, as one graph."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, net: torch.nn.Module, with_mask: bool = False) -> None:
         super().__init__()
         self.prompt_encoder, self.mask_decoder = net.prompt_encoder, net.mask_decoder
+        self.with_mask = with_mask
 
-    def forward(self, embedding: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-        sparse, dense = self.prompt_encoder(points=None, boxes=box, masks=None)
+    def forward(self, embedding: torch.Tensor, box: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        sparse, dense = self.prompt_encoder(points=None, boxes=box, masks=mask if self.with_mask else None)
         logits, _ = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                       multimask_output=False)
         return logits
 
 
-def _box_decoder_session(net: torch.nn.Module) -> Any:
-    """ONNX Runtime running :class:`_BoxDecoder` on a (1, 256, 64, 64) embedding and a (1, 1, 4) box (fixed batch:
-    the traced decoder repeats its positional encoding by the batch size)."""
-    decoder = _BoxDecoder(net).eval()
-    key = onnx_cpu.weights_key(decoder, f"{INPUT_SIZE}/box")
+def _box_decoder_session(net: torch.nn.Module, with_mask: bool = False) -> Any:
+    """ONNX Runtime running :class:`_BoxDecoder` on a (1, 256, 64, 64) embedding, a (1, 1, 4) box and, with
+    ``with_mask``, a (1, 1, 256, 256) mask prompt (fixed batch: the traced decoder repeats its positional encoding
+    by the batch size)."""
+    decoder = _BoxDecoder(net, with_mask).eval()
+    kind = "box-mask" if with_mask else "box"
+    key = onnx_cpu.weights_key(decoder, f"{INPUT_SIZE}/{kind}")
     example = (torch.zeros(1, 256, INPUT_SIZE // 4, INPUT_SIZE // 4), torch.tensor([[[8.0, 8.0, 64.0, 64.0]]]))
-    return onnx_cpu.session(decoder, example, f"box-decoder-{key}")
+    if with_mask:
+        example += (torch.zeros(1, 1, INPUT_SIZE, INPUT_SIZE),)
+    return onnx_cpu.session(decoder, example, f"{kind}-decoder-{key}")
 
 
 def _bundled_state() -> tuple[dict[str, torch.Tensor], str]:
@@ -120,6 +126,7 @@ def _package_state(checkpoint: str) -> tuple[dict[str, torch.Tensor], str, dict[
         "structure_growth": {n: lab.growth for lab in manifest.labels if lab.growth is not None
                              for n in names[lab.name]},
         "structure_names": {n: lab.name.lower() for lab in manifest.labels for n in names[lab.name]},
+        "mask_prompt": bool(manifest.architecture.params.get("mask_prompt", False)),
     }
     return state, f"{manifest.name}-{manifest.version}", learned
 
@@ -135,7 +142,7 @@ class LiteMedSamEngine:
                  structure_reach_law: dict[str, ReachLaw] | None = None,
                  structure_abutment: dict[str, Abutment] | None = None,
                  structure_names: dict[str, str] | None = None,
-                 structure_growth: dict[str, float] | None = None):
+                 structure_growth: dict[str, float] | None = None, mask_prompt: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.net = net.to(device).eval()
@@ -148,14 +155,19 @@ class LiteMedSamEngine:
         self.structure_abutment = dict(structure_abutment or {})  # where a structure ends beside another (Abutment)
         self.structure_names = dict(structure_names or {})  # any of a label's names (lower-cased) -> its first
         self.structure_growth = dict(structure_growth or {})  # slice-to-slice growth it may show (learned_growth)
+        # Trained with the neighbour's mask as a prompt besides its box (architecture.params.mask_prompt):
+        # propagation then gives it one (PropagationSettings.mask_prompt None)
+        self.mask_prompt = mask_prompt
         # Same id = same image encoder weights = same embeddings: fine-tuned packages keep the encoder frozen, so
         # an evaluation shares one encoding cache between them and the zero-shot engine.
         self.encoder_id = onnx_cpu.weights_key(self.net.image_encoder, f"{INPUT_SIZE}/input")
         use_ort = backend == "onnxruntime" or (backend == "auto" and device == "cpu" and onnx_cpu.available())
         self._session = _encoder_session(self.net.image_encoder, self.encoder_id) if use_ort else None
         # Box-only decodes (all of propagation's by default) in ONNX Runtime too: 0.065 s against 0.106 s each in
-        # torch (batches of 5, 2 threads), equal within 3e-5 in the logits; points and mask prompts stay in torch.
+        # torch (batches of 5, 2 threads), equal within 3e-5 in the logits; point prompts stay in torch.
         self._box_session = _box_decoder_session(self.net) if use_ort else None
+        # A package trained with mask prompts decodes box + mask in ONNX Runtime too (its every propagation decode)
+        self._box_mask_session = _box_decoder_session(self.net, with_mask=True) if use_ort and mask_prompt else None
         self.backend = "onnxruntime" if use_ort else "torch"
 
     @classmethod
@@ -198,11 +210,14 @@ class LiteMedSamEngine:
             key = (p.box is not None, 0 if p.points is None else len(p.points), p.mask_logits is not None)
             groups.setdefault(key, []).append(m)
         for (box, points, mask), members in groups.items():
-            if self._box_session is not None and box and not points and not mask:
+            session = self._box_mask_session if mask else self._box_session
+            if session is not None and box and not points:
                 for m in members:
-                    out[m] = self._box_session.run(None, {
-                        "input0": np.asarray(embeddings[m].float().numpy()[None], np.float32),
-                        "input1": np.asarray(prompts[m].box, np.float32).reshape(1, 1, 4)})[0][0, 0]
+                    feed = {"input0": np.asarray(embeddings[m].float().numpy()[None], np.float32),
+                            "input1": np.asarray(prompts[m].box, np.float32).reshape(1, 1, 4)}
+                    if mask:
+                        feed["input2"] = np.asarray(prompts[m].mask_logits, np.float32)[None, None]
+                    out[m] = session.run(None, feed)[0][0, 0]
             else:
                 out[members] = self._decode_group([embeddings[m] for m in members], [prompts[m] for m in members])
         return out

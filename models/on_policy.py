@@ -7,6 +7,9 @@ structure's middle slice, the propagation defaults), records every box-prompted 
 box the front gave) and takes the clinical contour on that slice as the target, empty past the structure's end.
 Those decodes, mixed with the supervised crops (prompted as supervised training prompts them), train the tuned parts
 at a cosine-decayed rate; the result is the next round's package, with the same manifest (reach, growth, abutments).
+Each decode also records the mask prompt its front offered (the last slice's logits on the crop): with
+``on_policy.mask_prompt`` > 0 that fraction of decodes is trained with it, and the package says so
+(``architecture.params.mask_prompt``) so that propagation gives it one.
 
 Layout under a run folder: ``on_policy/round_0/package/<name>`` (the supervised package), then per round
 ``on_policy/round_<r>/decodes/<case>.pt`` (resumable: a case already collected is not propagated again) and
@@ -55,6 +58,7 @@ class Decodes:
     embeddings: torch.Tensor  # (N, 256, 64, 64) float16
     targets: torch.Tensor  # (N, 256, 256) bool: the clinical contour on the crop
     native: list[np.ndarray]  # the clinical contour on each decode's native slice (bool)
+    masks: torch.Tensor | None = None  # (N, 256, 256) float16: the mask prompt each front offered (logits)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -69,7 +73,8 @@ def choose_cases(paths: Sequence[Path], count: int, seed: int) -> list[Path]:
 def collect_case(path: Path, shard: Path, package: str, labels: Sequence[LabelSource], keymap: KeyMap = KeyMap(),
                  threads: int | None = None) -> str:
     """Propagate ``path``'s structures from their middle slices with ``package`` and save every box-prompted
-    decode with its target to ``shard``; returns a line for the log."""
+    decode (with or without the mask prompt, as the package propagates) with its target and the mask prompt its
+    front offered to ``shard``; returns a line for the log."""
     from models.prompting import load_engine
 
     if threads:
@@ -83,7 +88,7 @@ def collect_case(path: Path, shard: Path, package: str, labels: Sequence[LabelSo
     decodes: list[Decode] = []
     propagate(engine, case.image.astype(np.float32), seeds, PropagationSettings(), EncodingCache(512),
               case.spacing_xyz, on_decode=decodes.append)
-    kept = [d for d in decodes if d.prompt.points is None and d.prompt.mask_logits is None]
+    kept = [d for d in decodes if d.prompt.points is None]
     slices = [truth[d.key][d.z] for d in kept]
     data = {
         "items": [{"case_id": case.case_id, "label": names.index(d.key), "z": d.z, "window": asdict(d.window),
@@ -92,6 +97,8 @@ def collect_case(path: Path, shard: Path, package: str, labels: Sequence[LabelSo
                        else torch.zeros(0, 256, 64, 64, dtype=torch.float16)),
         "targets": torch.from_numpy(np.stack([item_target(t, d.window) for t, d in zip(slices, kept)]) if kept
                                     else np.zeros((0, 256, 256), bool)),
+        "masks": (torch.from_numpy(np.stack([d.neighbour_logits for d in kept])).to(torch.float16) if kept
+                  else torch.zeros(0, 256, 256, dtype=torch.float16)),
         "native": [np.packbits(t) for t in slices], "shape": tuple(case.image.shape[1:]),
     }
     shard.parent.mkdir(parents=True, exist_ok=True)
@@ -106,28 +113,37 @@ def _collect(job: tuple) -> str:
 
 
 def read_decodes(shards: Sequence[Path]) -> Decodes:
-    """The decodes :func:`collect_case` saved in ``shards``."""
-    items, embeddings, targets, native = [], [], [], []
+    """The decodes :func:`collect_case` saved in ``shards`` (mask prompts only when every shard has them: shards
+    collected before they were recorded have none)."""
+    items, embeddings, targets, native, masks = [], [], [], [], []
     for shard in shards:
         d = torch.load(shard, weights_only=False)
         items += [(it["label"], CropWindow(**it["window"]), tuple(it["box"])) for it in d["items"]]
         embeddings.append(d["embeddings"])
         targets.append(d["targets"])
+        masks.append(d.get("masks"))
         native += unpack_native(d)
     if not items:
         return Decodes([], torch.zeros(0, 256, 64, 64, dtype=torch.float16), torch.zeros(0, 256, 256, dtype=torch.bool),
                        [])
-    return Decodes(items, torch.cat(embeddings), torch.cat(targets), native)
+    offered = torch.cat(masks) if all(m is not None for m in masks) else None
+    return Decodes(items, torch.cat(embeddings), torch.cat(targets), native, offered)
 
 
 @torch.no_grad()
-def decode_dice(net: torch.nn.Module, decodes: Decodes, device: str = "cpu", batch: int = 16) -> float:
-    """Mean native-slice Dice of ``net`` on ``decodes``' own boxes (NaN when there are none)."""
+def decode_dice(net: torch.nn.Module, decodes: Decodes, device: str = "cpu", batch: int = 16,
+                mask_prompt: bool = False) -> float:
+    """Mean native-slice Dice of ``net`` on ``decodes``' own boxes, with the mask prompts the fronts offered when
+    ``mask_prompt`` (NaN when there are none)."""
+    if mask_prompt and decodes.masks is None:
+        raise TrainingError("these decodes were collected without their mask prompts: collect them again")
     net.eval()
     scores = []
     for i in range(0, len(decodes), batch):
         boxes = torch.tensor([b for _, _, b in decodes.items[i:i + batch]], device=device)
-        logits = decode_logits(net, decodes.embeddings[i:i + batch].to(device).float(), boxes).cpu().numpy()
+        masks = decodes.masks[i:i + batch].to(device).float() if mask_prompt else None
+        logits = decode_logits(net, decodes.embeddings[i:i + batch].to(device).float(), boxes,
+                               masks).cpu().numpy()
         scores += [native_dice(lg, decodes.items[i + j][1], decodes.native[i + j]) for j, lg in enumerate(logits)]
     return float(np.mean(scores)) if scores else float("nan")
 
@@ -135,8 +151,11 @@ def decode_dice(net: torch.nn.Module, decodes: Decodes, device: str = "cpu", bat
 def train_pass(net: torch.nn.Module, params: Sequence[torch.nn.Parameter], decodes: Decodes, crops: CropSet,
                prompts: PromptMix, settings: OnPolicy, *, batch_size: int, dice_weight: float, seed: int,
                device: str) -> list[float]:
-    """Train ``params`` on the decodes (prompted with the box the front gave) and the supervised crops (prompted as
-    supervised training prompts them), shuffled together, for ``settings.epochs`` passes; returns the losses."""
+    """Train ``params`` on the decodes (prompted with the box the front gave, and its mask prompt at the rate
+    ``settings.mask_prompt``) and the supervised crops (prompted as supervised training prompts them), shuffled
+    together, for ``settings.epochs`` passes; returns the losses."""
+    if settings.mask_prompt and decodes.masks is None:
+        raise TrainingError("on_policy.mask_prompt: these decodes were collected without their mask prompts")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     n_dec, per_epoch = len(decodes), len(decodes) + len(crops)
@@ -151,19 +170,26 @@ def train_pass(net: torch.nn.Module, params: Sequence[torch.nn.Parameter], decod
         picked = order[b * batch_size:(b + 1) * batch_size]
         from_crops = [int(k) - n_dec for k in picked if k >= n_dec]
         kinds = iter(prompt_kinds(prompts, [crops.items[m] for m in from_crops], rng))
-        embeddings, boxes, targets = [], [], []
+        embeddings, boxes, targets, masks, with_mask = [], [], [], [], []
         for k in picked:
             if k < n_dec:
                 embeddings.append(decodes.embeddings[k])
                 boxes.append(decodes.items[k][2])
                 targets.append(decodes.targets[k])
+                with_mask.append(bool(settings.mask_prompt) and rng.random() < settings.mask_prompt)
+                masks.append(decodes.masks[k] if with_mask[-1] else None)
             else:
                 m = int(k) - n_dec
                 embeddings.append(crops.embeddings[m])
                 boxes.append(item_box(crops.items[m], next(kinds), rng, prompts.box_jitter))
                 targets.append(crops.targets[m])
+                with_mask.append(False)
+                masks.append(None)
+        mask_batch = (torch.stack([m if m is not None else torch.zeros(256, 256, dtype=torch.float16)
+                                   for m in masks]).to(device).float() if any(with_mask) else None)
         logits = decode_logits(net, torch.stack(embeddings).to(device).float(),
-                               torch.tensor(boxes, dtype=torch.float32, device=device))
+                               torch.tensor(boxes, dtype=torch.float32, device=device), mask_batch,
+                               torch.tensor(with_mask, device=device))
         loss = segmentation_loss(logits, torch.stack(targets).to(device).float(), dice_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,12 +204,15 @@ def train_pass(net: torch.nn.Module, params: Sequence[torch.nn.Parameter], decod
 
 
 def round_package(base: ModelPackage, out: Path, state: dict[str, torch.Tensor], record: dict[str, Any],
-                  scores: dict[str, Any], version: str, dtype: str) -> ModelPackage:
+                  scores: dict[str, Any], version: str, dtype: str, mask_prompt: bool = False) -> ModelPackage:
     """``base``'s manifest with ``state`` as its weights, ``record`` appended to ``training.on_policy`` and the
-    validation figures replaced by this round's (``scores``: before/after validate() and held decode Dice)."""
+    validation figures replaced by this round's (``scores``: before/after validate() and held decode Dice);
+    ``mask_prompt``: the round trained mask prompts (a package once trained with them keeps them)."""
     fields = base.manifest.model_dump(mode="json")
     fields.pop("weights")
     fields["version"] = version
+    if mask_prompt:
+        fields["architecture"]["params"]["mask_prompt"] = True
     training = dict(fields.get("training") or {})
     rounds = training.pop("on_policy", [])
     training["on_policy"] = (rounds if isinstance(rounds, list) else [rounds]) + [record]  # 1.5.0 wrote one dict
@@ -191,14 +220,18 @@ def round_package(base: ModelPackage, out: Path, state: dict[str, torch.Tensor],
     before, after = scores["before"], scores["after"]
     metrics = dict(fields.get("metrics") or {})
     history = metrics.pop("on_policy", [])
+    row = {"round": record["round"], "held_decode_dice": after["held"], "base_held_decode_dice": before["held"]}
+    for key in ("validation_slice_dice", "validation_mean_slice_dice", "validation_mean_slice_dice_by_prompt"):
+        metrics.pop(key, None)  # the base's: replaced below, or left out when this round scored no crops
+    if after["val"] is not None:
+        metrics.update({"validation_slice_dice": after["val"]["dice"],
+                        "validation_mean_slice_dice": after["val"]["score"],
+                        "validation_mean_slice_dice_by_prompt": after["val"]["mean"]})
+        row.update({"validation_mean_slice_dice": after["val"]["score"],
+                    "base_validation_mean_slice_dice": before["val"]["score"]})
     metrics.update({  # the shipped weights' figures; one pass per round, nothing selected
         "selection": "the last on-policy round (none selected); seed mode on OpenKBP validation: README",
-        "validation_slice_dice": after["val"]["dice"], "validation_mean_slice_dice": after["val"]["score"],
-        "validation_mean_slice_dice_by_prompt": after["val"]["mean"],
-        "on_policy": history + [{
-            "round": record["round"], "held_decode_dice": after["held"], "base_held_decode_dice": before["held"],
-            "validation_mean_slice_dice": after["val"]["score"],
-            "base_validation_mean_slice_dice": before["val"]["score"]}]})
+        "on_policy": history + [row]})
     fields["metrics"] = metrics
     return write_package(out, fields, state, dtype=dtype)
 
@@ -252,9 +285,11 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
 
         decodes = read_decodes([shard_of[p] for p in used])
         held_decodes = read_decodes([shard_of[p] for p in held])
-        net = LiteMedSamEngine.load(str(base.path), device, backend="torch").net
+        engine = LiteMedSamEngine.load(str(base.path), device, backend="torch")
+        net, masked = engine.net, engine.mask_prompt or settings.mask_prompt > 0
         params = freeze_all_but(net, cfg.train_parts)
-        scores: dict[str, Any] = {"before": {"held": decode_dice(net, held_decodes, device),
+        scores: dict[str, Any] = {"before": {"held": decode_dice(net, held_decodes, device,
+                                                                 mask_prompt=engine.mask_prompt),
                                              "val": validate(net, val, names, cfg.prompts.box_jitter, device)}}
         log.info("on-policy round %d: %d decodes from %d cases (%d past a structure's end), %d held from %d; "
                  "%d supervised crops", r, len(decodes), len(used), int((~decodes.targets.flatten(1).any(1)).sum()),
@@ -263,7 +298,7 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
         losses = train_pass(net, params, decodes, crops, cfg.prompts, settings, batch_size=cfg.batch_size,
                             dice_weight=cfg.dice_weight, seed=cfg.seed + r,
                             device=device)
-        scores["after"] = {"held": decode_dice(net, held_decodes, device),
+        scores["after"] = {"held": decode_dice(net, held_decodes, device, mask_prompt=masked),
                            "val": validate(net, val, names, cfg.prompts.box_jitter, device)}
         log.info("on-policy round %d: held decode Dice %.3f -> %.3f, validation slices %.3f -> %.3f", r,
                  scores["before"]["held"], scores["after"]["held"], scores["before"]["val"]["score"],
@@ -271,11 +306,11 @@ def on_policy_rounds(cfg: FinetuneConfig, out: Path, supervised: ModelPackage, t
         record = {"round": r, "from": f"{base.manifest.name} {base.manifest.version}",
                   "base_sha256": _weights_sha(base), "cases": [p.stem for p in used],
                   "held_cases": [p.stem for p in held], "decodes": len(decodes), "supervised_crops": len(crops),
-                  "epochs": settings.epochs, "lr": settings.lr,
+                  "epochs": settings.epochs, "lr": settings.lr, "mask_prompt": settings.mask_prompt,
                   "weight_decay": settings.weight_decay, "final_loss": float(np.mean(losses[-50:])),
                   "seconds": round(time.monotonic() - started, 1)}
         base = round_package(base, target, tuned_state(net, cfg.train_parts), record, scores,
-                             cfg.package.version, cfg.package.weights_dtype)
+                             cfg.package.version, cfg.package.weights_dtype, mask_prompt=masked)
     final = out / "package" / cfg.package.name
     final.mkdir(parents=True, exist_ok=True)
     for name in (base.manifest.weights.file, MANIFEST_NAME):  # weights first: the manifest hashes them

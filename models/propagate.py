@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -54,7 +54,7 @@ from models.prompting import Prompt, PromptEngine, VolumePropagator
 __all__ = [
     "PropagationSettings", "Seed", "StructureResult", "Decode", "EncodingCache", "propagate", "segment_slices",
     "anatomy_shift", "stop_reason", "keep_connected", "abut", "abutments_for", "travel_for", "growth_for",
-    "follows_anatomy", "within_reach", "plan_fronts", "region_from_clicks", "interpolate_masks",
+    "follows_anatomy", "within_reach", "plan_fronts", "region_from_clicks", "interpolate_masks", "neighbour_prompt",
     "FOLLOW_ANATOMY", "REACH_FRACTION",
 ]
 
@@ -89,7 +89,8 @@ class PropagationSettings:
     poor_only: bool = True  # with points: click only when the mask fills its box badly (fill < poor_fill)
     max_points: int = 3  # clicks when the mask fills its box badly (fill < poor_fill)
     poor_fill: float = 0.45
-    mask_prompt: bool = False  # also give the neighbour's logits as a mask prompt
+    mask_prompt: bool | None = None  # also give the neighbour's logits as a mask prompt; None: when the engine
+    # was trained with them (a package's ``mask_prompt``), as zero-shot LiteMedSAM was not
     follow_anatomy: float | None = FOLLOW_ANATOMY  # structures whose learned reach is at least this (long, tube-like
     # ones) have the neighbour's box shifted by the image's motion between the slices (anatomy_shift); 0: every
     # structure; None: none
@@ -205,6 +206,8 @@ class Decode:
     embedding: Any  # the engine's encoding of that crop
     prompt: Prompt
     logits: np.ndarray  # (size, size) decoder output on the crop
+    neighbour_logits: np.ndarray | None = None  # (size, size) the front's last logits on this crop, moved with the
+    # anatomy: the mask prompt it offers, given to the decoder only with mask_prompt (on-policy training records it)
 
 
 @dataclass
@@ -389,6 +392,15 @@ def _encode(engine: PromptEngine, image: np.ndarray, jobs: Sequence[tuple[int, C
     return [e if e is not None else cache.get(job) for job, e in zip(jobs, found)]
 
 
+def neighbour_prompt(logits: np.ndarray, window: CropWindow, size: int,
+                     shift: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """A front's last native logits as a mask prompt on the next slice's crop, moved by the anatomy's motion as its
+    box is (``shift``: (dx, dy) native pixels)."""
+    if shift != (0.0, 0.0):
+        logits = ndi.shift(logits, (shift[1], shift[0]), order=1, mode="constant", cval=OUTSIDE)
+    return np.clip(crop_image(logits, window, size, fill=OUTSIDE), OUTSIDE, -OUTSIDE)  # as trained
+
+
 def _prompt(mask: np.ndarray, logits: np.ndarray | None, clicks: np.ndarray | None, window: CropWindow,
             size: int, s: PropagationSettings, shift: tuple[float, float] = (0.0, 0.0)) -> Prompt:
     box = box_of(mask)
@@ -406,11 +418,7 @@ def _prompt(mask: np.ndarray, logits: np.ndarray | None, clicks: np.ndarray | No
         yx = np.concatenate([yx, np.asarray(clicks, int).reshape(-1, 2)])
     if len(yx):
         points, labels = points_to_input(yx, window, size), np.ones(len(yx), np.int64)
-    mask_logits = None
-    if s.mask_prompt and logits is not None:
-        if shift != (0.0, 0.0):  # the neighbour's mask moves with the anatomy, as its box does
-            logits = ndi.shift(logits, (dy, dx), order=1, mode="constant", cval=OUTSIDE)
-        mask_logits = crop_image(logits, window, size, fill=OUTSIDE)
+    mask_logits = neighbour_prompt(logits, window, size, shift) if s.mask_prompt and logits is not None else None
     return Prompt(box=box_to_input(box, window, size), points=points, labels=labels, mask_logits=mask_logits)
 
 
@@ -435,8 +443,9 @@ def _decode_step(engine: PromptEngine, image: np.ndarray, fronts: list[_Front], 
                for f, z, w, sh in zip(fronts, targets, windows, shifts)]
     logits = engine.decode(embeddings, prompts)
     if on_decode is not None:
-        for f, z, w, e, p, lg in zip(fronts, targets, windows, embeddings, prompts, logits):
-            on_decode(Decode(f.key, z, w, e, p, lg))
+        for f, z, w, e, p, lg, sh in zip(fronts, targets, windows, embeddings, prompts, logits, shifts):
+            offered = p.mask_logits if p.mask_logits is not None else neighbour_prompt(f.logits, w, size, sh)
+            on_decode(Decode(f.key, z, w, e, p, lg, offered))
     out = []
     for f, w, lg in zip(fronts, windows, logits):
         native = logits_to_native(lg, w, shape)
@@ -546,6 +555,8 @@ def propagate(engine: PromptEngine, image: np.ndarray, seeds: Mapping[str, Seed]
     returned exactly as given. ``on_decode`` sees every front's decode (not the second decodes of ``refine``; a
     :class:`VolumePropagator` tracks by itself and shows none)."""
     s = settings or PropagationSettings()
+    if s.mask_prompt is None:
+        s = replace(s, mask_prompt=bool(getattr(engine, "mask_prompt", False)))
     if image.ndim != 3:
         raise ModelInputError(f"image must be 3-D (Z, Y, X), got shape {image.shape}")
     bounded = {key: within_reach(seed, image.shape[0], spacing_xyz, travel_for(key, engine, s))

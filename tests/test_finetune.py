@@ -168,6 +168,37 @@ def test_a_package_with_an_abutment_hands_it_to_the_engine_and_refuses_a_strange
         load_package(package)
 
 
+
+def test_a_package_trained_with_mask_prompts_gets_them_in_propagation_and_others_do_not(run, tmp_path):
+    """``architecture.params.mask_prompt`` (hn-litemedsam 1.7.0) turns the neighbour's mask prompt on by default;
+    a package without it, and the zero-shot weights, decode on the box alone unless a rule asks."""
+    from models.propagate import Seed, propagate
+
+    tmp, _ = run
+    plain = load_engine("litemedsam", str(tmp / "run" / "package" / "hn-litemedsam"))
+    package = tmp_path / "hn-litemedsam"  # a folder of its own: load_engine keeps engines by path
+    shutil.copytree(tmp / "run" / "package" / "hn-litemedsam", package)
+    manifest = load_package(package).manifest
+    params = {**manifest.architecture.params, "mask_prompt": True}
+    write_manifest(package, manifest.model_copy(update={
+        "architecture": manifest.architecture.model_copy(update={"params": params})}))
+    masked = load_engine("litemedsam", str(package))
+    assert masked.mask_prompt and not plain.mask_prompt and not load_engine("litemedsam").mask_prompt
+    zz, yy, xx = np.mgrid[0:3, 0:48, 0:48]
+    disc = np.hypot(yy - 24, xx - 24) <= 6
+    image = np.where(disc, 40.0, -700.0).astype(np.float32)
+    settings = PropagationSettings(slice_step=1, max_travel=None, reach_fraction=None)
+
+    def prompts(engine, s=settings):
+        seen = []
+        propagate(engine, image, {"disc": Seed({1: disc[1]})}, s, on_decode=seen.append)
+        return [d.prompt for d in seen]
+
+    assert [p.mask_logits is not None for p in prompts(masked)] == [True, True]
+    assert [p.mask_logits is not None for p in prompts(plain)] == [False, False]
+    assert all(p.mask_logits is not None for p in prompts(plain, PropagationSettings(
+        slice_step=1, max_travel=None, reach_fraction=None, mask_prompt=True)))
+
 def test_the_package_loads_through_the_engine_registry_and_decodes_as_training_did(run):
     tmp, _ = run
     path = tmp / "run" / "package" / "hn-litemedsam"
@@ -293,6 +324,29 @@ def test_an_on_policy_round_trains_on_the_boxes_its_fronts_gave_and_ships_the_la
     refused = CliRunner().invoke(app, ["finetune", "--config", str(unknown), "--no-progress"])
     assert refused.exit_code == 1 and "on_policy.case_names: ['train_pt_9999'] are not among" in refused.output
 
+
+
+def test_an_on_policy_round_can_train_the_mask_prompts_its_fronts_offered(run, tmp_path):
+    """on_policy.mask_prompt: each decode is saved with the mask prompt its front offered (the last slice's logits
+    on the new crop: it overlaps the clinical contour there), the round trains with it, and the package says so,
+    so that propagation gives it one."""
+    from models.on_policy import read_decodes
+
+    tmp, _ = run
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    out = tmp_path / "run"
+    config = _config(tmp_path, 5, on_policy={"rounds": 1, "cases": 2, "hold": 1, "epochs": 1, "mask_prompt": 1.0})
+    result = CliRunner().invoke(app, ["finetune", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    shipped = load_package(out / "package" / "hn-litemedsam")
+    assert shipped.manifest.architecture.params["mask_prompt"] is True
+    assert shipped.manifest.training["on_policy"][-1]["mask_prompt"] == 1.0
+    assert load_engine("litemedsam", str(shipped.path)).mask_prompt
+    decodes = read_decodes(sorted((out / "on_policy" / "round_1" / "decodes").glob("*.pt")))
+    assert decodes.masks is not None and decodes.masks.shape == decodes.targets.shape
+    overlap = [2 * float((m > 0)[t].sum()) / float((m > 0).sum() + t.sum())
+               for m, t in zip(decodes.masks.float(), decodes.targets) if t.any()]
+    assert len(overlap) > 4 and np.mean(overlap) > 0.5, overlap
 
 def test_training_crops_are_the_crops_propagation_decodes():
     """A crop on a slice's own box is the true-box/seed crop; one on the neighbour's box is the crop propagation

@@ -540,7 +540,8 @@ def test_engine_decodes_a_box_on_a_real_slice(engine, case):
 
 def test_on_cpu_box_prompts_decode_in_onnx_runtime_with_torchs_logits(engine, case):
     """The default engine on CPU decodes box-only prompts in ONNX Runtime; on real crops of a parotid its logits
-    are torch's (same weights, no quantisation), and point prompts still take the torch path."""
+    are torch's (same weights, no quantisation), and point prompts still take the torch path; an engine trained
+    with mask prompts decodes box + mask prompts in ONNX Runtime too."""
     from models.litemedsam import LiteMedSamEngine
     from models.prompting import Prompt
     from models.crops import normalise
@@ -559,6 +560,14 @@ def test_on_cpu_box_prompts_decode_in_onnx_runtime_with_torchs_logits(engine, ca
     assert ((fast > 0).sum(axis=(1, 2)) > 100).all()  # a parotid in every crop, not an empty answer
     clicked = [Prompt(box=p.box, points=np.array([[128.0, 128.0]]), labels=np.array([1])) for p in prompts]
     assert np.abs(engine.decode(embeddings, clicked) - in_torch.decode(embeddings, clicked)).max() < 1e-3
+    # an engine trained with mask prompts (architecture.params.mask_prompt) decodes box + mask there too
+    masked = LiteMedSamEngine(engine.net, engine.version, mask_prompt=True)
+    assert masked._box_mask_session is not None and engine._box_mask_session is None
+    with_mask = [Prompt(box=p.box, mask_logits=np.where(crop > 0.5, 8.0, -8.0).astype(np.float32))
+                 for p, crop in zip(prompts, crops)]
+    fast = masked.decode(embeddings, with_mask)
+    assert np.abs(fast - in_torch.decode(embeddings, with_mask)).max() < 1e-3
+    assert np.abs(fast - slow).max() > 0.1  # the mask prompt reached the decoder
 
 
 def test_seeds_bound_the_slab_and_seed_slices_are_kept(engine, case):
