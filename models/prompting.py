@@ -123,7 +123,32 @@ def check_engine(name: str, checkpoint: str | None) -> None:
         ENGINE_CHECKS[name](checkpoint)
 
 
-@lru_cache(maxsize=4)
 def load_engine(name: str, checkpoint: str | None = None) -> PromptEngine:
-    """Engine ``name`` with its default weights, or with ``checkpoint`` (a model package name or folder)."""
+    """Engine ``name`` with its default weights, or with ``checkpoint`` (a model package name or folder, or a
+    weights file); kept between jobs until the checkpoint's files change (a package replaced while the node runs
+    is loaded again)."""
+    return _load_engine(name, checkpoint, _checkpoint_stamp(checkpoint))
+
+
+@lru_cache(maxsize=4)
+def _load_engine(name: str, checkpoint: str | None, stamp: tuple) -> PromptEngine:
     return engine_factory(name)(checkpoint)
+
+
+def _checkpoint_stamp(checkpoint: str | None) -> tuple:
+    """Size and modification time of the checkpoint's files (a package name is looked up); () when there are none
+    to see, e.g. an unknown name: loading then raises its own error."""
+    if checkpoint is None:
+        return ()
+    from pathlib import Path
+
+    path = Path(checkpoint)
+    if not path.exists():
+        from models.package import find_package
+
+        try:
+            path = find_package(checkpoint).path
+        except Exception:  # noqa: BLE001 - the engine's loader reports what is wrong with it
+            return ()
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)

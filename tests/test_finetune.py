@@ -176,7 +176,7 @@ def test_a_package_trained_with_mask_prompts_gets_them_in_propagation_and_others
 
     tmp, _ = run
     plain = load_engine("litemedsam", str(tmp / "run" / "package" / "hn-litemedsam"))
-    package = tmp_path / "hn-litemedsam"  # a folder of its own: load_engine keeps engines by path
+    package = tmp_path / "hn-litemedsam"  # a copy: the run's own package serves the other tests
     shutil.copytree(tmp / "run" / "package" / "hn-litemedsam", package)
     manifest = load_package(package).manifest
     params = {**manifest.architecture.params, "mask_prompt": True}
@@ -198,6 +198,22 @@ def test_a_package_trained_with_mask_prompts_gets_them_in_propagation_and_others
     assert [p.mask_logits is not None for p in prompts(plain)] == [False, False]
     assert all(p.mask_logits is not None for p in prompts(plain, PropagationSettings(
         slice_step=1, max_travel=None, reach_fraction=None, mask_prompt=True)))
+
+
+def test_a_package_replaced_while_the_node_runs_is_loaded_again(run, tmp_path):
+    """Engines are kept between jobs, but not past a change to their package's files: an admin who installs a new
+    version in place gets it on the next job, without restarting the node."""
+    tmp, _ = run
+    package = tmp_path / "hn-litemedsam"
+    shutil.copytree(tmp / "run" / "package" / "hn-litemedsam", package)
+    first = load_engine("litemedsam", str(package))
+    assert load_engine("litemedsam", str(package)) is first
+    manifest = load_package(package).manifest
+    params = {**manifest.architecture.params, "mask_prompt": True}
+    write_manifest(package, manifest.model_copy(update={
+        "architecture": manifest.architecture.model_copy(update={"params": params})}))
+    again = load_engine("litemedsam", str(package))
+    assert again is not first and again.mask_prompt and not first.mask_prompt
 
 def test_the_package_loads_through_the_engine_registry_and_decodes_as_training_did(run):
     tmp, _ = run
