@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from config.finetune import FinetuneConfig, PromptMix
-from models.crops import OUTSIDE, CropWindow, box_of, box_to_input, crop_image, crop_window, logits_to_native, normalise
+from models.crops import CropWindow, box_of, box_to_input, crop_image, crop_window, logits_to_native, normalise
 from models.data import KeyMap, LabelSource, read_npz
 from models.errors import TrainingError
 from models.extent import fit_abutments, learn_growth, learn_reach, learned_growth, middle_slice_extent, pair_gaps
@@ -135,13 +135,13 @@ def decode_logits(net: torch.nn.Module, embeddings: torch.Tensor, boxes: torch.T
                   masks: torch.Tensor | None = None, with_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 256, 256) logits for (B, 256, 64, 64) embeddings and (B, 4) boxes, with gradients: the same calls as
     :meth:`LiteMedSamEngine.decode` makes for a box prompt (a test checks they agree). ``masks`` (B, 256, 256)
-    logits add a mask prompt to the decodes where ``with_mask`` (B,) is true (default: all)."""
+    logits (as :func:`models.propagate.neighbour_prompt` gives them) add a mask prompt to the decodes where
+    ``with_mask`` (B,) is true (default: all)."""
     sparse, dense = net.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
     if masks is not None:
         use = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device) if with_mask is None else with_mask
         if use.any():
-            embedded = net.prompt_encoder._embed_masks(masks[:, None].clamp(OUTSIDE, -OUTSIDE))  # as propagation
-            dense = torch.where(use[:, None, None, None], embedded, dense)
+            dense = torch.where(use[:, None, None, None], net.prompt_encoder._embed_masks(masks[:, None]), dense)
     logits, _ = net.mask_decoder(image_embeddings=embeddings, image_pe=net.prompt_encoder.get_dense_pe(),
                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                  multimask_output=False)
