@@ -40,7 +40,7 @@ def main() -> None:
     from models.package import load_package, write_package
 
     tuned, base = load_package(args.round_path), load_package(args.base)
-    record = (tuned.manifest.training or {}).get("on_policy", [{}])[-1]
+    record = ((tuned.manifest.training or {}).get("on_policy") or [{}])[-1]
     if record.get("base_sha256") != base.manifest.weights.sha256:
         sys.exit(f"{args.round_path} was not trained from {args.base}: its last on-policy round records base "
                  f"{record.get('base_sha256')}, the base's weights are {base.manifest.weights.sha256}")
@@ -57,7 +57,7 @@ def main() -> None:
     record["note"] = (f"weights = {args.weight:g} x this round + {1 - args.weight:g} x "
                       f"{base.manifest.name} {base.manifest.version}, per tensor (bench/average_weights.py)")
     if args.selection:
-        fields.setdefault("metrics", {})["selection"] = args.selection
+        fields["metrics"] = {**(fields.get("metrics") or {}), "selection": args.selection}
     package = write_package(args.out / tuned.manifest.name, fields, mean, dtype=tuned.manifest.weights.dtype)
     print(f"{package.path}: {package.manifest.name} {args.version}, sha256 {package.manifest.weights.sha256}")
 

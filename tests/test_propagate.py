@@ -626,4 +626,4 @@ def test_the_shipped_package_lets_a_mandible_grow_where_the_rami_meet_the_body()
                               spacing_xyz)["Mandible"]
            for learned in (False, True)}
     assert any("jumped: area grew" in stop for stop in run[False].stops), run[False].stops
-    assert dice(run[True].mask, truth) > dice(run[False].mask, truth) + 0.3, run[True].stops  # measured 0.33, 0.85
+    assert dice(run[True].mask, truth) > dice(run[False].mask, truth) + 0.3, run[True].stops  # 1.8.0: 0.32, 0.85
