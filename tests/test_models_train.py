@@ -152,9 +152,10 @@ def test_npz_with_a_direction_is_read_in_the_models_orientation(tmp_path):
 
 
 def test_the_example_configs_rebuild_the_shipped_model_and_fine_tune_it():
-    """The shipped hn-oar is built in three stages: config/train.example.yaml trains 2.0.0,
-    config/train.context.example.yaml grows that package's network by far slices and trains on (2.1.0), and
-    config/train.continue.example.yaml trains 2.1.0 on (its manifest describes the shipped package). The
+    """The shipped hn-oar is built in four stages: config/train.example.yaml trains 2.0.0,
+    config/train.context.example.yaml grows that package's network by far slices and trains on (2.1.0),
+    config/train.continue.example.yaml trains 2.1.0 on (2.2.0), and config/train.continue2.example.yaml trains
+    2.2.0 on (its manifest describes the shipped package). The
     fine-tuning example starts from the shipped package's weights (its network and labels are checked against the
     package)."""
     from pathlib import Path
@@ -174,10 +175,13 @@ def test_the_example_configs_rebuild_the_shipped_model_and_fine_tune_it():
     assert first["name"] == second["name"] and _grows_far_context(first["params"], second["params"])
     stage3 = load_training_config(config_dir / "train.continue.example.yaml")
     assert Path(stage3.init_from) == Path(stage2.output_dir) / "package" / stage2.network.name
-    assert (stage3.network.name, stage3.network.version) == (shipped.name, shipped.version)
-    assert manifest_fields(stage3, {}, {})["architecture"] == second == shipped.architecture.model_dump(mode="json")
-    assert [lab.name for lab in stage3.labels] == shipped.label_names == [lab.name for lab in stage1.labels]
-    assert [lab.name for lab in stage2.labels] == shipped.label_names
+    stage4 = load_training_config(config_dir / "train.continue2.example.yaml")
+    assert Path(stage4.init_from) == Path(stage3.output_dir) / "package" / stage3.network.name
+    assert (stage4.network.name, stage4.network.version) == (shipped.name, shipped.version)
+    assert manifest_fields(stage4, {}, {})["architecture"] == second == shipped.architecture.model_dump(mode="json")
+    assert manifest_fields(stage3, {}, {})["architecture"] == second
+    assert [lab.name for lab in stage4.labels] == shipped.label_names == [lab.name for lab in stage1.labels]
+    assert [lab.name for lab in stage2.labels] == [lab.name for lab in stage3.labels] == shipped.label_names
     finetune = load_training_config(config_dir / "train.finetune.example.yaml")
     assert finetune.init_from == "hn-oar"
     assert manifest_fields(finetune, {}, {})["architecture"] == second
